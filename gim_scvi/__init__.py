@@ -1,0 +1,13 @@
+"""gim_scvi: Generative Intervention Models for unseen perturbations, on scvi-tools."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from gim_scvi import data, tl
+from gim_scvi.model import GIM
+
+try:
+    __version__ = version("gim_scvi")
+except PackageNotFoundError:  # pragma: no cover - not installed
+    __version__ = "0.0.0"
+
+__all__ = ["GIM", "data", "tl", "__version__"]

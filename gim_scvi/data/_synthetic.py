@@ -1,0 +1,251 @@
+"""Synthetic perturbation screens with a known latent causal model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+
+def random_dag(n_nodes: int, edge_prob: float, rng: np.random.Generator) -> np.ndarray:
+    """Weighted adjacency of a random DAG (``W[i, j]``: edge ``i -> j``), weights ±[0.5, 1]."""
+    order = rng.permutation(n_nodes)
+    rank = np.empty(n_nodes, dtype=int)
+    rank[order] = np.arange(n_nodes)
+    allowed = rank[:, None] < rank[None, :]
+    present = allowed & (rng.random((n_nodes, n_nodes)) < edge_prob)
+    weights = rng.uniform(0.5, 1.0, (n_nodes, n_nodes)) * rng.choice([-1.0, 1.0], (n_nodes,) * 2)
+    return np.where(present, weights, 0.0)
+
+
+def _drug_mechanisms(
+    n_drugs: int,
+    n_programs: int,
+    n_mechanism: int,
+    inert_fraction: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Targets, shifts and dose response as smooth functions of a hidden mechanism vector."""
+    mech = rng.normal(size=(n_drugs, n_mechanism))
+    target_map = rng.normal(size=(n_mechanism, n_programs))
+    sign_map = rng.normal(size=(n_mechanism, n_programs))
+    scores = mech @ target_map / np.sqrt(n_mechanism)
+    n_targets = np.clip((scores > 1.0).sum(1), 1, 3)
+    order = np.argsort(-scores, axis=1)
+    targets = np.zeros((n_drugs, n_programs), dtype=bool)
+    for d in range(n_drugs):
+        targets[d, order[d, : n_targets[d]]] = True
+    potency_dir = rng.normal(size=n_mechanism)
+    potency = mech @ potency_dir / np.sqrt(n_mechanism)
+    magnitude = 1.5 + 1.0 * np.tanh(potency)
+    inert = potency <= np.quantile(potency, inert_fraction) if inert_fraction > 0 else potency < -np.inf
+    magnitude[inert] = 0.1
+    signs = np.sign(mech @ sign_map + 1e-9)
+    shifts = np.where(targets, signs * magnitude[:, None], 0.0)
+    ec50_dir = rng.normal(size=n_mechanism)
+    log10_ec50 = 2.5 + 0.6 * np.tanh(mech @ ec50_dir / np.sqrt(n_mechanism)) * 1.5
+    hill = 1.0 + 0.5 * (np.tanh(mech[:, 0]) + 1.0)
+    return {
+        "mechanism": mech,
+        "targets": targets,
+        "shifts": shifts,
+        "log10_ec50": log10_ec50,
+        "hill": hill,
+        "inert": inert,
+    }
+
+
+def _sample_counts(
+    mean_fn, n_cells: int, theta: np.ndarray, rng: np.random.Generator, chunk: int
+) -> sp.csr_matrix:
+    """Gamma-Poisson (NB) counts, generated chunk by chunk into a CSR matrix."""
+    blocks = []
+    for start in range(0, n_cells, chunk):
+        stop = min(start + chunk, n_cells)
+        mu = mean_fn(start, stop)
+        rate = rng.gamma(shape=theta, scale=mu / theta)
+        counts = rng.poisson(rate).astype(np.float32)
+        blocks.append(sp.csr_matrix(counts))
+    return sp.vstack(blocks, format="csr")
+
+
+def synthetic(
+    n_drugs: int = 48,
+    n_heldout_drugs: int = 8,
+    n_validation_drugs: int = 4,
+    n_cell_lines: int = 3,
+    doses: Sequence[float] = (10.0, 100.0, 1000.0, 10000.0),
+    cells_per_condition: int = 30,
+    control_cells_per_line: int = 900,
+    n_genes: int = 1000,
+    n_programs: int = 8,
+    n_features: int = 64,
+    n_mechanism: int = 6,
+    edge_prob: float = 0.3,
+    exogenous_sd: float = 0.5,
+    inert_fraction: float = 0.15,
+    library_median: float = 3000.0,
+    feature_noise: float = 0.3,
+    seed: int = 0,
+    chunk_size: int = 20000,
+) -> AnnData:
+    """Simulate a drug screen from a latent causal model with known interventions.
+
+    Cells of line ``c`` have programs ``z = (u + a) (I - W)^{-1}`` with exogenous state
+    ``u ~ N(mu_c, exogenous_sd^2 I)``, a random DAG ``W`` and the drug's intervention
+    ``a_k = t_k m_k hill(dose)``; counts are negative binomial with mean
+    ``library * softmax(z D^T + b_c)`` for sparse non-negative loadings ``D``. Each drug's
+    targets (1-3 programs), shift sizes, EC50 and Hill slope are smooth functions of a hidden
+    mechanism vector, and its observed features are a noisy linear image of that vector, so
+    drugs with similar features act alike; some drugs are nearly inert.
+
+    Parameters
+    ----------
+    n_drugs
+        Number of drugs.
+    n_heldout_drugs
+        Drugs held out entirely (``split == "test"``, all doses and lines).
+    n_validation_drugs
+        Drugs for model selection (``split == "valid"``).
+    n_cell_lines
+        Number of cell lines.
+    doses
+        Doses (nM) at which every drug is applied.
+    cells_per_condition
+        Cells per drug x dose x cell line.
+    control_cells_per_line
+        Vehicle cells per cell line.
+    n_genes
+        Number of genes.
+    n_programs
+        Number of true programs.
+    n_features
+        Width of the drug feature vectors.
+    n_mechanism
+        Dimension of the hidden mechanism behind features and effects.
+    edge_prob
+        Edge probability of the random DAG.
+    exogenous_sd
+        Standard deviation of the exogenous program noise.
+    inert_fraction
+        Fraction of nearly inert drugs.
+    library_median
+        Median library size (UMI per cell); library sizes are log-normal.
+    feature_noise
+        Noise added to the features (relative to their signal).
+    seed
+        Random seed.
+    chunk_size
+        Cells generated at a time (memory stays bounded for large data sets).
+
+    Returns
+    -------
+    AnnData with integer counts (CSR) in ``.X``; ``.obs`` columns ``condition``,
+    ``cell_line``, ``dose``, ``control``, ``split``; ``.obsm["drug_features"]`` (zeros for
+    controls); ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``log10_ec50``,
+    ``hill``, ``dag``, ``loadings``, ``basal_means`` and ``drug_features``.
+    """
+    if n_heldout_drugs + n_validation_drugs >= n_drugs:
+        raise ValueError("n_heldout_drugs + n_validation_drugs must be smaller than n_drugs.")
+    rng = np.random.default_rng(seed)
+    drugs = [f"drug_{i:03d}" for i in range(n_drugs)]
+    lines = [f"line_{chr(ord('A') + i)}" for i in range(n_cell_lines)]
+    dag = random_dag(n_programs, edge_prob, rng)
+    solve = np.linalg.inv(np.eye(n_programs) - dag)
+
+    loadings = np.where(
+        rng.random((n_genes, n_programs)) < 1.5 / n_programs,
+        rng.uniform(0.3, 1.0, (n_genes, n_programs)),
+        0.0,
+    )
+    gene_base = np.log(rng.gamma(0.6, 1.0, n_genes) + 1e-3)
+    line_bias = rng.normal(0, 0.2, (n_cell_lines, n_genes))
+    basal_means = rng.normal(0, 0.5, (n_cell_lines, n_programs))
+    theta = np.exp(rng.normal(np.log(5.0), 0.5, n_genes))
+
+    mech = _drug_mechanisms(n_drugs, n_programs, n_mechanism, inert_fraction, rng)
+    feature_map = rng.normal(size=(n_mechanism, n_features)) / np.sqrt(n_mechanism)
+    drug_features = mech["mechanism"] @ feature_map
+    drug_features += feature_noise * rng.normal(size=drug_features.shape)
+    drug_features = drug_features.astype(np.float32)
+
+    perm = rng.permutation(n_drugs)
+    split_of_drug = np.array(["train"] * n_drugs, dtype=object)
+    split_of_drug[perm[:n_heldout_drugs]] = "test"
+    split_of_drug[perm[n_heldout_drugs : n_heldout_drugs + n_validation_drugs]] = "valid"
+
+    # cell table: controls first, then drug x dose x line
+    doses = np.asarray(doses, dtype=float)
+    drug_idx, dose_val, line_idx = [], [], []
+    for c in range(n_cell_lines):
+        drug_idx += [-1] * control_cells_per_line
+        dose_val += [0.0] * control_cells_per_line
+        line_idx += [c] * control_cells_per_line
+    for d in range(n_drugs):
+        for dose in doses:
+            for c in range(n_cell_lines):
+                drug_idx += [d] * cells_per_condition
+                dose_val += [dose] * cells_per_condition
+                line_idx += [c] * cells_per_condition
+    drug_idx = np.asarray(drug_idx)
+    dose_val = np.asarray(dose_val)
+    line_idx = np.asarray(line_idx)
+    n_cells = drug_idx.size
+    treated = drug_idx >= 0
+
+    response = np.zeros(n_cells)
+    d_t = drug_idx[treated]
+    hill = mech["hill"][d_t]
+    ec50 = 10.0 ** mech["log10_ec50"][d_t]
+    response[treated] = dose_val[treated] ** hill / (dose_val[treated] ** hill + ec50**hill)
+    shift = np.zeros((n_cells, n_programs))
+    shift[treated] = mech["shifts"][d_t] * response[treated, None]
+    exogenous = basal_means[line_idx] + exogenous_sd * rng.normal(size=(n_cells, n_programs))
+    programs = (exogenous + shift) @ solve
+    log_library = np.log(library_median) + 0.4 * rng.normal(size=n_cells)
+
+    def mean_fn(start: int, stop: int) -> np.ndarray:
+        logits = programs[start:stop] @ loadings.T + gene_base + line_bias[line_idx[start:stop]]
+        logits -= logits.max(axis=1, keepdims=True)
+        scale = np.exp(logits)
+        scale /= scale.sum(axis=1, keepdims=True)
+        return np.exp(log_library[start:stop, None]) * scale
+
+    counts = _sample_counts(mean_fn, n_cells, theta, rng, chunk_size)
+
+    condition = np.where(treated, np.asarray(drugs, dtype=object)[np.maximum(drug_idx, 0)], "control")
+    split = np.where(treated, split_of_drug[np.maximum(drug_idx, 0)], "train")
+    obs = pd.DataFrame(
+        {
+            "condition": pd.Categorical(condition, categories=["control", *drugs]),
+            "cell_line": pd.Categorical(np.asarray(lines)[line_idx], categories=lines),
+            "dose": dose_val.astype(np.float32),
+            "control": ~treated,
+            "split": pd.Categorical(split, categories=["train", "valid", "test"]),
+        },
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
+    features = np.zeros((n_cells, n_features), dtype=np.float32)
+    features[treated] = drug_features[d_t]
+    program_names = [f"true_program_{k}" for k in range(n_programs)]
+    adata = AnnData(
+        X=counts, obs=obs, var=pd.DataFrame(index=[f"gene_{g:04d}" for g in range(n_genes)])
+    )
+    adata.obsm["drug_features"] = features
+    adata.uns["ground_truth"] = {
+        "targets": pd.DataFrame(mech["targets"], index=drugs, columns=program_names),
+        "shifts": pd.DataFrame(mech["shifts"], index=drugs, columns=program_names),
+        "log10_ec50": pd.Series(mech["log10_ec50"], index=drugs),
+        "hill": pd.Series(mech["hill"], index=drugs),
+        "inert": pd.Series(mech["inert"], index=drugs),
+        "drug_split": pd.Series(split_of_drug.astype(str), index=drugs),
+        "dag": pd.DataFrame(dag, index=program_names, columns=program_names),
+        "loadings": pd.DataFrame(loadings, index=adata.var_names, columns=program_names),
+        "basal_means": pd.DataFrame(basal_means, index=lines, columns=program_names),
+        "drug_features": pd.DataFrame(drug_features, index=drugs),
+        "params": {"seed": seed, "exogenous_sd": exogenous_sd, "doses": doses.tolist()},
+    }
+    return adata

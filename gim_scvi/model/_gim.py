@@ -1,0 +1,849 @@
+"""GIM: the scvi-tools model class."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalObsField,
+    LayerField,
+    NumericalObsField,
+    ObsmField,
+)
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
+from scvi.utils import setup_anndata_dsp
+
+from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
+from gim_scvi.model import _validation as check
+from gim_scvi.model._trainingplan import GIMTrainingPlan
+from gim_scvi.module import GIMModule
+
+logger = logging.getLogger(__name__)
+
+
+class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
+    """Generative Intervention Model for unseen perturbations.
+
+    A generator maps perturbation features (plus dose and cell line) to a distribution over
+    sparse atomic interventions on ``n_programs`` latent gene programs, which are related by a
+    learned causal graph; scVI components encode and decode the counts
+    (Schneider et al., ICML 2025).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`; ``None`` with ``registry`` (loading).
+    registry
+        A saved registry (used by :meth:`load` with ``adata=False``).
+    n_programs
+        Number of latent gene programs.
+    graph
+        ``"dag"`` (acyclic, the default), ``"cyclic"`` (steady state) or ``"none"``
+        (ablation without causal structure).
+    decoder
+        ``"linear"`` (gene programs are the decoder's columns) or ``"mlp"``.
+    gene_likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"`` (counts) or ``"normal"`` (log-normalised data).
+    intervention
+        ``"shift"`` or ``"shift+scale"``.
+    **module_kwargs
+        Passed to :class:`~gim_scvi.module.GIMModule` (generator size, priors, ...).
+
+    Examples
+    --------
+    >>> adata = gim_scvi.data.synthetic()
+    >>> gim_scvi.GIM.setup_anndata(adata, features_key="drug_features", dose_key="dose",
+    ...                            control_key="control", perturbation_key="condition",
+    ...                            cell_line_key="cell_line")
+    >>> model = gim_scvi.GIM(adata)
+    >>> model.train(max_epochs=50, split_key="split")
+    >>> pred = model.predict(features=new_drug_features, doses=[1e3, 1e4])
+    """
+
+    _module_cls = GIMModule
+    _training_plan_cls = GIMTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_programs: int = 16,
+        graph: Literal["dag", "cyclic", "none"] = "dag",
+        decoder: Literal["linear", "mlp"] = "linear",
+        gene_likelihood: Literal["nb", "zinb", "poisson", "normal"] = "nb",
+        intervention: Literal["shift", "shift+scale"] = "shift",
+        **module_kwargs,
+    ):
+        super().__init__(adata, registry)
+        n_features = self.summary_stats[f"n_{KEYS.FEATURES_KEY}"]
+        n_cell_lines = self._n_categories(KEYS.CELL_LINE_KEY)
+        n_batch = self._n_categories(KEYS.BATCH_KEY)
+        if adata is not None and gene_likelihood != "normal":
+            _check_counts(adata, self.registry_["setup_args"]["layer"])
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_features=n_features,
+            n_programs=n_programs,
+            n_cell_lines=n_cell_lines,
+            n_batch=n_batch if n_batch > 1 else 0,
+            graph=graph,
+            decoder=decoder,
+            gene_likelihood=gene_likelihood,
+            intervention=intervention,
+            has_dose=self.registry_["setup_args"]["dose_key"] is not None,
+            **module_kwargs,
+        )
+        self.graph_pruning_: dict[str, int] = {}
+        self._model_summary_string = (
+            f"GIM with {n_programs} programs, graph={graph!r}, decoder={decoder!r}, "
+            f"gene_likelihood={gene_likelihood!r}, intervention={intervention!r}; "
+            f"{n_features} perturbation features, {n_cell_lines} cell line(s)."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        features_key: str,
+        control_key: str | None = None,
+        dose_key: str | None = None,
+        perturbation_key: str | None = None,
+        cell_line_key: str | None = None,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ):
+        """Register an AnnData with perturbation features for :class:`GIM`.
+
+        A cell whose feature row is all zero is a control, as is every cell flagged in
+        ``control_key``; all other cells are perturbed and need a positive dose when
+        ``dose_key`` is given.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        features_key
+            Key in ``adata.obsm`` of the perturbation features (cells x P; zeros for controls).
+        control_key
+            Optional boolean / 0-1 column of ``adata.obs`` flagging control (vehicle) cells.
+        dose_key
+            Optional numeric column of ``adata.obs`` with the dose (any positive unit; the model
+            works on its logarithm).
+        perturbation_key
+            Optional column of ``adata.obs`` naming each cell's perturbation (used for reports).
+        cell_line_key
+            Optional categorical column of ``adata.obs`` with the cell line / basal state.
+        %(param_batch_key)s
+        %(param_layer)s
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check.check_layer(adata, layer)
+        features = check.check_obsm_features(adata, features_key)
+        for key, name in [
+            (control_key, "control_key"),
+            (dose_key, "dose_key"),
+            (perturbation_key, "perturbation_key"),
+            (cell_line_key, "cell_line_key"),
+            (batch_key, "batch_key"),
+        ]:
+            check.check_obs_key(adata, key, name)
+        control = _zero_rows(features)
+        if control_key is not None:
+            control |= check.control_flags(adata, control_key)
+        if dose_key is not None:
+            check.check_doses(adata, dose_key, ~control)
+        fields = [
+            LayerField(KEYS.X_KEY, layer, is_count_data=False),
+            ObsmField(KEYS.FEATURES_KEY, features_key),
+        ]
+        if control_key is not None:
+            fields.append(NumericalObsField(KEYS.CONTROL_KEY, control_key))
+        if dose_key is not None:
+            fields.append(NumericalObsField(KEYS.DOSE_KEY, dose_key))
+        if cell_line_key is not None:
+            fields.append(CategoricalObsField(KEYS.CELL_LINE_KEY, cell_line_key))
+        if batch_key is not None:
+            fields.append(CategoricalObsField(KEYS.BATCH_KEY, batch_key))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    def _n_categories(self, key: str) -> int:
+        if key not in self.registry_["field_registries"]:
+            return 1
+        return len(self.get_state_registry(key).categorical_mapping)
+
+    @property
+    def cell_lines(self) -> list[str]:
+        """Registered cell lines (a single ``"all"`` when no ``cell_line_key`` was given)."""
+        if KEYS.CELL_LINE_KEY not in self.registry_["field_registries"]:
+            return ["all"]
+        return [str(c) for c in self.get_state_registry(KEYS.CELL_LINE_KEY).categorical_mapping]
+
+    @property
+    def program_names(self) -> list[str]:
+        """Names of the latent programs."""
+        return [f"program_{k}" for k in range(self.module.n_programs)]
+
+    # ------------------------------------------------------------------ registered data access
+    def _setup_arg(self, name: str):
+        return self.registry_["setup_args"].get(name)
+
+    def _features(self, adata: AnnData) -> np.ndarray:
+        features = adata.obsm[self._setup_arg("features_key")]
+        if isinstance(features, pd.DataFrame):
+            features = features.to_numpy()
+        if sp.issparse(features):
+            features = features.toarray()
+        return np.asarray(features, dtype=np.float32)
+
+    def _control_mask(self, adata: AnnData) -> np.ndarray:
+        control = _zero_rows(self._features(adata))
+        if self._setup_arg("control_key") is not None:
+            control |= check.control_flags(adata, self._setup_arg("control_key"))
+        return control
+
+    def _doses(self, adata: AnnData) -> np.ndarray | None:
+        key = self._setup_arg("dose_key")
+        if key is None:
+            return None
+        return pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=np.float32)
+
+    def _cell_line_codes(self, adata: AnnData) -> np.ndarray:
+        key = self._setup_arg("cell_line_key")
+        if key is None:
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        return _codes(adata.obs[key], self.cell_lines, "cell line", key)
+
+    def _batch_codes(self, adata: AnnData) -> np.ndarray:
+        key = self._setup_arg("batch_key")
+        if key is None:
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        mapping = [str(c) for c in self.get_state_registry(KEYS.BATCH_KEY).categorical_mapping]
+        return _codes(adata.obs[key], mapping, "batch", key)
+
+    def _perturbation_names(self, adata: AnnData) -> np.ndarray:
+        key = self._setup_arg("perturbation_key")
+        if key is not None:
+            return adata.obs[key].astype(str).to_numpy()
+        features = self._features(adata)
+        _, inverse = np.unique(features, axis=0, return_inverse=True)
+        return np.array([f"perturbation_{i}" for i in inverse.reshape(-1)])
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        split_key: str | None = None,
+        train_split: str = "train",
+        validation_split: str | None = None,
+        batch_size: int = 256,
+        lr: float = 2e-3,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        graph_threshold: float = 0.05,
+        **trainer_kwargs,
+    ):
+        """Train the model; held-out conditions never influence the weights.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes through the training cells (default: scaled to the data size,
+            ``clip(2e6 / n_train, 20, 400)``).
+        split_key
+            Column of ``adata.obs`` assigning each cell to a split. Cells whose value is
+            ``train_split`` are trained on, those equal to ``validation_split`` form the
+            validation set (use whole held-out perturbations there), all others are a test set
+            that is never seen. ``None`` trains on every cell.
+        train_split
+            Value of ``split_key`` for training cells.
+        validation_split
+            Value of ``split_key`` for validation cells (optional).
+        batch_size
+            Minibatch size.
+        lr
+            Learning rate.
+        early_stopping
+            Stop when the validation ELBO stops improving (needs ``validation_split``).
+        plan_kwargs
+            Passed to :class:`~gim_scvi.model.GIMTrainingPlan` (schedules, weight decay).
+        datasplitter_kwargs
+            Passed to :class:`~scvi.dataloaders.DataSplitter`.
+        graph_threshold
+            For ``graph="dag"``: edges with ``|w|`` at or below this are removed after training,
+            then cycles are broken at their weakest edge, so the graph is exactly acyclic.
+        **trainer_kwargs
+            Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``, ...).
+        """
+        train_idx, val_idx, test_idx = self._split_indices(split_key, train_split, validation_split)
+        self._set_training_statistics(train_idx)
+        if max_epochs is None:
+            max_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
+        plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
+        datasplitter_kwargs = {
+            **(datasplitter_kwargs or {}),
+            "external_indexing": [train_idx, val_idx, test_idx],
+        }
+        if early_stopping and len(val_idx) == 0:
+            raise ValueError("early_stopping needs validation cells: pass `validation_split`.")
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
+        result = super().train(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+        self.module.eval()
+        if self.module.scm.graph == "dag":
+            self.graph_pruning_ = self.module.scm.make_acyclic(threshold=graph_threshold)
+        return result
+
+    def _split_indices(
+        self, split_key: str | None, train_split: str, validation_split: str | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n_obs = self.adata.n_obs
+        if split_key is None:
+            return np.arange(n_obs), np.array([], dtype=int), np.array([], dtype=int)
+        check.check_obs_key(self.adata, split_key, "split_key")
+        split = self.adata.obs[split_key].astype(str).to_numpy()
+        values = sorted(set(split))
+        if train_split not in values:
+            raise ValueError(
+                f"No cell has adata.obs[{split_key!r}] == {train_split!r} (values: {values}); "
+                "set `train_split` to the value that marks training cells."
+            )
+        if validation_split is not None and validation_split not in values:
+            raise ValueError(
+                f"No cell has adata.obs[{split_key!r}] == {validation_split!r} "
+                f"(values: {values}); set `validation_split` accordingly or to None."
+            )
+        train = np.flatnonzero(split == train_split)
+        val = np.flatnonzero(split == validation_split) if validation_split else np.array([], int)
+        test = np.flatnonzero((split != train_split) & (split != (validation_split or train_split)))
+        return train, val, test
+
+    def _set_training_statistics(self, train_idx: np.ndarray) -> None:
+        """Feature/dose standardisation and cells per context, from training cells only."""
+        adata = self.adata[train_idx]
+        features = self._features(adata)
+        treated = ~self._control_mask(adata)
+        if not treated.any():
+            raise ValueError("The training cells contain no perturbed cell; nothing to learn.")
+        module = self.module
+        feats = features[treated]
+        module.feature_mean.copy_(torch.as_tensor(feats.mean(0)))
+        module.feature_std.copy_(torch.as_tensor(np.maximum(feats.std(0), 1e-3)))
+        doses = self._doses(adata)
+        key = [feats, self._cell_line_codes(adata)[treated, None].astype(np.float32)]
+        if doses is not None:
+            log_dose = np.log(doses[treated])
+            module.log_dose_center.fill_(float(log_dose.mean()))
+            module.log_dose_scale.fill_(float(max(log_dose.std(), 1e-3)))
+            key.append(doses[treated, None])
+        n_contexts = len(np.unique(np.concatenate(key, axis=1), axis=0))
+        module.cells_per_context.fill_(treated.sum() / n_contexts)
+
+    # ------------------------------------------------------------------ inference helpers
+    @torch.inference_mode()
+    def _encode(self, adata: AnnData, indices: np.ndarray, batch_size: int) -> np.ndarray:
+        """Posterior means of the programs for ``indices`` of a registered AnnData."""
+        return self.get_latent_representation(adata, indices=indices, batch_size=batch_size)
+
+    def _library(self, adata: AnnData, indices: np.ndarray) -> np.ndarray:
+        layer = self._setup_arg("layer")
+        x = adata.layers[layer] if layer is not None else adata.X
+        sums = np.asarray(x[indices].sum(axis=1)).reshape(-1)
+        return np.log(np.maximum(sums, 1.0)).astype(np.float32)
+
+    def _intervention_tensors(
+        self,
+        features: np.ndarray,
+        doses: np.ndarray | None,
+        cell_line: np.ndarray,
+        mode: str,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Composed interventions for rows of ``(n, m, P)`` features and ``(n, m)`` doses.
+
+        Shifts (and scale changes) of the ``m`` components add up; target probabilities
+        combine as a union ``1 - prod(1 - p)``. All-zero component rows are ignored.
+        """
+        n, m, p = features.shape
+        device = self.module.device
+        flat_feat = torch.as_tensor(features.reshape(n * m, p), device=device)
+        flat_line = torch.as_tensor(np.repeat(cell_line, m)[:, None], device=device)
+        flat_dose = None
+        if doses is not None:
+            flat_dose = torch.as_tensor(doses.reshape(n * m, 1), dtype=torch.float32, device=device)
+        out = self.module.intervention(
+            flat_feat, flat_dose, flat_line, mode=mode, generator=generator
+        )
+        active = torch.as_tensor(
+            ~_zero_rows(features.reshape(n * m, p)), device=device
+        ).float()[:, None]
+
+        def compose(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else (t * active).view(n, m, -1).sum(1)
+
+        probs = (out["target_probs"] * active).view(n, m, -1)
+        return {
+            "shift": compose(out["shift"]),
+            "log_scale": compose(out["log_scale"]),
+            "target_probs": 1 - torch.prod(1 - probs, dim=1),
+            "dose_response": compose(out["dose_response"] * out["targets"]),
+        }
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict(
+        self,
+        features: np.ndarray | Sequence,
+        doses: float | Sequence | np.ndarray | None = None,
+        cell_lines: str | Sequence[str] | None = None,
+        conditions: Sequence[str] | None = None,
+        adata: AnnData | None = None,
+        n_cells: int | None = 200,
+        mode: Literal["map", "mean", "sample"] = "map",
+        sample_counts: bool = True,
+        seed: int = 0,
+        batch_size: int = 1024,
+    ) -> AnnData:
+        """Predict cells under perturbations, including ones never seen in training.
+
+        Each requested condition is applied, in each requested cell line, to control cells of
+        that line: their programs are encoded, the exogenous state is abducted, the generated
+        intervention is applied and propagated through the causal graph, and the result is
+        decoded with the control cell's library size.
+
+        Parameters
+        ----------
+        features
+            Perturbation features, ``(n_conditions, P)`` for single perturbations or
+            ``(n_conditions, n_components, P)`` for combinations (all-zero component rows are
+            padding). Compute them the same way as for training.
+        doses
+            A scalar, ``(n_conditions,)`` or ``(n_conditions, n_components)``; required when
+            the model was set up with a ``dose_key``.
+        cell_lines
+            Cell line(s) to predict in; every condition is predicted in every listed line.
+            Default: all registered lines.
+        conditions
+            Names of the conditions (default ``"perturbation_<i>"``).
+        adata
+            Registered AnnData providing the control cells (default: the training AnnData).
+        n_cells
+            Control cells drawn per condition and line (with replacement if the line has fewer);
+            ``None`` uses every control cell once.
+        mode
+            ``"map"`` (targets where ``p > 0.5``), ``"mean"`` (targets weighted by ``p``) or
+            ``"sample"`` (one draw of the targets per predicted cell: predictive uncertainty).
+        sample_counts
+            Put counts drawn from the likelihood in ``.X`` (realistic cells, the default);
+            otherwise ``.X`` holds the expected values. Expected values are always in
+            ``.layers["expected"]``.
+        seed
+            Seed for choosing control cells and for the draws.
+        batch_size
+            Cells processed at a time.
+
+        Returns
+        -------
+        AnnData of predicted cells: ``.obs`` has ``condition``, ``dose``, ``cell_line``,
+        ``source_cell`` (the control cell it was derived from) and ``mode``;
+        ``.obsm["X_gim"]`` the counterfactual programs; ``.uns["gim_predict"]`` the targets.
+        """
+        self._check_if_trained(warn=True)
+        features3d = self._validate_predict_features(features)
+        n_cond, n_comp = features3d.shape[:2]
+        dose2d = self._validate_predict_doses(doses, n_cond, n_comp)
+        names = _condition_names(conditions, n_cond)
+        lines = self._validate_cell_lines(cell_lines)
+        adata = self._validate_anndata(adata if adata is not None else self.adata)
+        rng = np.random.default_rng(seed)
+        torch_gen = torch.Generator(device=self.module.device).manual_seed(seed)
+        control = self._control_mask(adata)
+        line_codes = self._cell_line_codes(adata)
+        batch_codes = self._batch_codes(adata)
+
+        blocks = []
+        for line in lines:
+            code = self.cell_lines.index(line)
+            pool = np.flatnonzero(control & (line_codes == code))
+            if pool.size == 0:
+                raise ValueError(
+                    f"No control cells of cell line {line!r} in the AnnData used for prediction; "
+                    "pass an `adata` with control cells of that line."
+                )
+            z_pool = self._encode(adata, pool, batch_size)
+            lib_pool = self._library(adata, pool)
+            for i in range(n_cond):
+                pick = _choose(pool.size, n_cells, rng)
+                blocks.append(
+                    self._predict_block(
+                        features3d[i],
+                        None if dose2d is None else dose2d[i],
+                        code,
+                        z_pool[pick],
+                        lib_pool[pick],
+                        batch_codes[pool[pick]],
+                        mode,
+                        sample_counts,
+                        torch_gen,
+                    )
+                    | {
+                        "obs": _prediction_obs(
+                            names[i], dose2d, i, line, adata.obs_names[pool[pick]], mode
+                        )
+                    }
+                )
+        return self._assemble_prediction(blocks, adata, names, lines, features3d, dose2d, mode)
+
+    def _predict_block(
+        self,
+        features: np.ndarray,
+        doses: np.ndarray | None,
+        line_code: int,
+        z_control: np.ndarray,
+        library: np.ndarray,
+        batch_codes: np.ndarray,
+        mode: str,
+        sample_counts: bool,
+        generator: torch.Generator,
+    ) -> dict:
+        n = z_control.shape[0]
+        device = self.module.device
+        if mode == "sample":
+            feats = np.broadcast_to(features, (n, *features.shape)).copy()
+            dose = None if doses is None else np.broadcast_to(doses, (n, len(doses))).copy()
+        else:
+            feats, dose = features[None], None if doses is None else doses[None]
+        lines = np.full(feats.shape[0], line_code)
+        interv = self._intervention_tensors(feats, dose, lines, mode, generator)
+        shift = interv["shift"].expand(n, -1)
+        log_scale = None if interv["log_scale"] is None else interv["log_scale"].expand(n, -1)
+        line_t = torch.full((n, 1), line_code, device=device)
+        z = torch.as_tensor(z_control, device=device)
+        z_star = self.module.counterfactual(z, shift, log_scale, line_t)
+        px = self.module.decoder(
+            z_star,
+            torch.as_tensor(library[:, None], device=device),
+            line_t,
+            torch.as_tensor(batch_codes[:, None], device=device),
+        )
+        expected = px.mean
+        if sample_counts:
+            x = px.sample() if self.module.gene_likelihood != "normal" else px.sample()
+        else:
+            x = expected
+        return {
+            "X": x.cpu().numpy().astype(np.float32),
+            "expected": expected.cpu().numpy().astype(np.float32),
+            "latent": z_star.cpu().numpy(),
+        }
+
+    def _assemble_prediction(self, blocks, adata, names, lines, features3d, dose2d, mode):
+        x = np.concatenate([b["X"] for b in blocks])
+        pred = AnnData(
+            X=sp.csr_matrix(x) if self.module.gene_likelihood != "normal" else x,
+            obs=pd.concat([b["obs"] for b in blocks], ignore_index=True),
+            var=pd.DataFrame(index=adata.var_names.copy()),
+        )
+        pred.obs_names = [f"pred_{i}" for i in range(pred.n_obs)]
+        for col in ("condition", "cell_line", "mode"):
+            pred.obs[col] = pd.Categorical(pred.obs[col])
+        pred.layers["expected"] = np.concatenate([b["expected"] for b in blocks])
+        pred.obsm["X_gim"] = np.concatenate([b["latent"] for b in blocks])
+        targets = self.get_intervention_targets(
+            features=features3d, doses=dose2d, cell_lines=lines, conditions=names
+        )
+        pred.uns["gim_predict"] = {
+            "mode": mode,
+            "targets": _flatten_index(targets),
+        }
+        return pred
+
+    def _validate_predict_features(self, features) -> np.ndarray:
+        arr = np.asarray(features, dtype=np.float32)
+        n_feat = int(self.module.feature_mean.shape[0])
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim == 2:
+            arr = arr[:, None, :]
+        if arr.ndim != 3 or arr.shape[-1] != n_feat:
+            raise ValueError(
+                f"`features` must have shape (n_conditions, {n_feat}) or (n_conditions, "
+                f"n_components, {n_feat}) like adata.obsm[{self._setup_arg('features_key')!r}] "
+                f"at training; got shape {np.shape(features)}. Compute the features with the "
+                "same featuriser and settings."
+            )
+        if not np.isfinite(arr).all():
+            raise ValueError("`features` contains NaN or infinite values.")
+        return arr
+
+    def _validate_predict_doses(self, doses, n_cond: int, n_comp: int) -> np.ndarray | None:
+        if not self.module.has_dose:
+            if doses is not None:
+                raise ValueError(
+                    "This model was set up without `dose_key`; do not pass `doses` to predict."
+                )
+            return None
+        if doses is None:
+            raise ValueError(
+                f"This model was set up with dose_key={self._setup_arg('dose_key')!r}: pass "
+                "`doses` (a scalar, one per condition, or one per condition and component)."
+            )
+        arr = np.asarray(doses, dtype=np.float32)
+        if arr.ndim == 0:
+            arr = np.full((n_cond, n_comp), float(arr), dtype=np.float32)
+        elif arr.ndim == 1 and arr.shape[0] == n_cond:
+            arr = np.repeat(arr[:, None], n_comp, axis=1)
+        if arr.shape != (n_cond, n_comp):
+            raise ValueError(
+                f"`doses` must be a scalar, ({n_cond},) or ({n_cond}, {n_comp}); "
+                f"got shape {np.shape(doses)}."
+            )
+        if not (np.isfinite(arr).all() and (arr > 0).all()):
+            raise ValueError("`doses` must be finite and positive.")
+        return arr
+
+    def _validate_cell_lines(self, cell_lines) -> list[str]:
+        if cell_lines is None:
+            return self.cell_lines
+        lines = [cell_lines] if isinstance(cell_lines, str) else [str(c) for c in cell_lines]
+        unknown = [c for c in lines if c not in self.cell_lines]
+        if unknown:
+            raise ValueError(
+                f"Unknown cell line(s) {unknown}; the model knows {self.cell_lines}. A new cell "
+                "line needs its own control cells at training time."
+            )
+        return lines
+
+    # ------------------------------------------------------------------ what the model learned
+    def _registered_conditions(self, adata: AnnData | None) -> pd.DataFrame:
+        """One row per perturbed (perturbation, dose, cell line) context in ``adata``."""
+        adata = adata if adata is not None else self.adata
+        treated = ~self._control_mask(adata)
+        frame = pd.DataFrame(
+            {
+                "condition": self._perturbation_names(adata)[treated],
+                "cell_line": np.asarray(self.cell_lines)[self._cell_line_codes(adata)[treated]],
+                "row": np.flatnonzero(treated),
+            }
+        )
+        doses = self._doses(adata)
+        frame["dose"] = doses[treated] if doses is not None else np.nan
+        return frame.drop_duplicates(["condition", "dose", "cell_line"]).reset_index(drop=True)
+
+    @torch.inference_mode()
+    def get_intervention_targets(
+        self,
+        features: np.ndarray | None = None,
+        doses: np.ndarray | None = None,
+        cell_lines: str | Sequence[str] | None = None,
+        conditions: Sequence[str] | None = None,
+        adata: AnnData | None = None,
+    ) -> pd.DataFrame:
+        """Probability that each condition targets each program.
+
+        Without ``features``, every perturbation of ``adata`` (default: the training AnnData)
+        is reported in each cell line it was observed in. Target probabilities do not depend on
+        the dose (the dose acts through the dose response).
+
+        Returns
+        -------
+        DataFrame indexed by ``(condition, cell_line)``, one column per program.
+        """
+        if features is None:
+            frame = self._registered_conditions(adata).drop_duplicates(["condition", "cell_line"])
+            adata = adata if adata is not None else self.adata
+            feats = self._features(adata)[frame["row"].to_numpy()][:, None, :]
+            codes = np.array([self.cell_lines.index(c) for c in frame["cell_line"]])
+            index = pd.MultiIndex.from_arrays(
+                [frame["condition"], frame["cell_line"]], names=["condition", "cell_line"]
+            )
+        else:
+            feats = self._validate_predict_features(features)
+            names = _condition_names(conditions, feats.shape[0])
+            lines = self._validate_cell_lines(cell_lines)
+            codes = np.repeat([self.cell_lines.index(c) for c in lines], feats.shape[0])
+            feats = np.tile(feats, (len(lines), 1, 1))
+            index = pd.MultiIndex.from_product([lines, names], names=["cell_line", "condition"])
+            index = index.swaplevel()
+        dose = np.ones(feats.shape[:2], np.float32) if self.module.has_dose else None
+        probs = self._intervention_tensors(feats, dose, codes, "mean")["target_probs"]
+        return pd.DataFrame(probs.cpu().numpy(), index=index, columns=self.program_names)
+
+    @torch.inference_mode()
+    def get_interventions(self, adata: AnnData | None = None, mode: str = "map") -> dict:
+        """Shifts, total effects and targets of every perturbed context of ``adata``.
+
+        Returns
+        -------
+        Dict of DataFrames indexed like ``conditions`` (a DataFrame with ``condition``,
+        ``dose`` and ``cell_line``): ``targets`` (probabilities), ``shifts`` (``a``) and
+        ``total_effects`` (``a A^{-1}``, the change of every program).
+        """
+        frame = self._registered_conditions(adata)
+        adata = adata if adata is not None else self.adata
+        feats = self._features(adata)[frame["row"].to_numpy()][:, None, :]
+        codes = np.array([self.cell_lines.index(c) for c in frame["cell_line"]])
+        dose = frame["dose"].to_numpy(np.float32)[:, None] if self.module.has_dose else None
+        out = self._intervention_tensors(feats, dose, codes, mode)
+        total = self.module.scm.total_effects(out["shift"])
+        index = _context_labels(frame)
+        conditions = frame[["condition", "dose", "cell_line"]].set_index(index)
+        return {
+            "conditions": conditions,
+            "targets": pd.DataFrame(
+                out["target_probs"].cpu().numpy(), index=index, columns=self.program_names
+            ),
+            "shifts": pd.DataFrame(
+                out["shift"].cpu().numpy(), index=index, columns=self.program_names
+            ),
+            "total_effects": pd.DataFrame(
+                total.cpu().numpy(), index=index, columns=self.program_names
+            ),
+        }
+
+    @torch.inference_mode()
+    def get_causal_graph(self) -> pd.DataFrame:
+        """Weighted adjacency of the program graph (row: cause, column: effect)."""
+        w = self.module.scm.weight.detach().cpu().numpy()
+        return pd.DataFrame(w, index=self.program_names, columns=self.program_names)
+
+    @torch.inference_mode()
+    def get_gene_programs(self) -> pd.DataFrame:
+        """Gene loadings of each program (genes x programs).
+
+        For the linear decoder these are its columns. For the MLP decoder they are the change
+        of each gene's log-expression when one program rises by one unit from the average
+        control cell (a finite-difference sensitivity).
+        """
+        var_names = self._var_names()
+        decoder = self.module.decoder
+        if decoder.decoder == "linear":
+            values = decoder.loadings.detach().cpu().numpy()
+        else:
+            k = self.module.n_programs
+            base = self.module.basal_mean.weight.mean(0, keepdim=True)
+            z = torch.cat([base, base + torch.eye(k, device=base.device)])
+            zeros = torch.zeros(k + 1, 1, dtype=torch.long, device=base.device)
+            logits = decoder.logits(z, zeros, zeros)
+            values = (logits[1:] - logits[:1]).T.cpu().numpy()
+        return pd.DataFrame(values, index=var_names, columns=self.program_names)
+
+    def _var_names(self) -> pd.Index:
+        if self.adata is not None:
+            return self.adata.var_names
+        return pd.Index(self.registry_["field_registries"][KEYS.X_KEY]["state_registry"].get(
+            "column_names", [f"gene_{i}" for i in range(self.summary_stats.n_vars)]
+        ))
+
+    def targets_to_adata(self, adata: AnnData | None = None, **kwargs) -> AnnData:
+        """Target probabilities as an AnnData (obs: conditions, var: programs).
+
+        Ready for ``sc.pl.matrixplot(t, var_names=t.var_names, groupby="condition")`` and
+        friends. ``kwargs`` go to :meth:`get_intervention_targets`.
+        """
+        targets = self.get_intervention_targets(adata=adata, **kwargs)
+        obs = targets.index.to_frame(index=False).astype(str)
+        out = AnnData(
+            X=targets.to_numpy(dtype=np.float32),
+            obs=obs.set_index(pd.Index(_flatten_index(targets).index)),
+            var=pd.DataFrame(index=targets.columns),
+        )
+        for col in out.obs.columns:
+            out.obs[col] = pd.Categorical(out.obs[col])
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def _zero_rows(features) -> np.ndarray:
+    if sp.issparse(features):
+        return np.asarray(features.getnnz(axis=1) == 0).reshape(-1)
+    return ~np.asarray(features != 0).any(axis=1)
+
+
+def _codes(values: pd.Series, mapping: list[str], what: str, key: str) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(mapping)}
+    strings = values.astype(str).to_numpy()
+    unknown = sorted(set(strings) - set(lookup))
+    if unknown:
+        raise ValueError(
+            f"Unknown {what}(s) {unknown[:5]} in adata.obs[{key!r}]; the model was trained on "
+            f"{mapping}."
+        )
+    return np.array([lookup[s] for s in strings], dtype=np.int64)
+
+
+def _check_counts(adata: AnnData, layer: str | None) -> None:
+    x = adata.layers[layer] if layer is not None else adata.X
+    sample = x[: min(adata.n_obs, 2000)]
+    data = sample.data if sp.issparse(sample) else np.asarray(sample)
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    if data.size and (np.any(data < 0) or np.any(np.abs(data - np.round(data)) > 1e-6)):
+        raise ValueError(
+            f"{where} does not look like raw counts (negative or non-integer values), but the "
+            "gene likelihood is a count model. Pass `layer=` with raw counts to setup_anndata, "
+            "or use `gene_likelihood='normal'` for log-normalised data."
+        )
+
+
+def _condition_names(conditions, n: int) -> list[str]:
+    if conditions is None:
+        return [f"perturbation_{i}" for i in range(n)]
+    names = [str(c) for c in conditions]
+    if len(names) != n:
+        raise ValueError(f"`conditions` has {len(names)} names for {n} conditions.")
+    return names
+
+
+def _choose(n_pool: int, n_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+    if n_cells is None:
+        return np.arange(n_pool)
+    return rng.choice(n_pool, size=n_cells, replace=n_cells > n_pool)
+
+
+def _prediction_obs(name, dose2d, i, line, source, mode) -> pd.DataFrame:
+    if dose2d is None:
+        dose = np.nan
+    elif dose2d.shape[1] == 1:
+        dose = float(dose2d[i, 0])
+    else:
+        dose = "+".join(f"{d:g}" for d in dose2d[i])
+    return pd.DataFrame(
+        {
+            "condition": name,
+            "dose": dose,
+            "cell_line": line,
+            "source_cell": np.asarray(source, dtype=str),
+            "mode": mode,
+        }
+    )
+
+
+def _context_labels(frame: pd.DataFrame) -> pd.Index:
+    dose = frame["dose"].map(lambda d: "" if pd.isna(d) else f" | {d:g}")
+    return pd.Index(frame["condition"] + dose + " | " + frame["cell_line"], name="context")
+
+
+def _flatten_index(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out.index = pd.Index([" | ".join(map(str, i)) for i in frame.index], name="context")
+    return out

@@ -1,0 +1,96 @@
+"""Training plan with the GIM schedules (relaxation temperature, acyclicity weight)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scvi.train import TrainingPlan
+
+
+class GIMTrainingPlan(TrainingPlan):
+    """:class:`~scvi.train.TrainingPlan` plus GIM's annealing schedules.
+
+    The Gumbel-sigmoid temperature decays geometrically from ``temperature_start`` to
+    ``temperature_end`` and the acyclicity weight grows geometrically from
+    ``dag_weight_start`` to ``dag_weight_max`` over the planned epochs; both are functions of
+    the training progress only, so a resumed run continues where it stopped. The generator
+    gets its own weight decay (it sees few distinct perturbations and overfits easily).
+
+    Parameters
+    ----------
+    module
+        A :class:`~gim_scvi.module.GIMModule`.
+    temperature_start, temperature_end
+        Relaxation temperature at the start and end of training.
+    dag_weight_start, dag_weight_max
+        Acyclicity penalty weight at the start and end of training.
+    generator_weight_decay
+        Weight decay of the intervention generator's parameters.
+    **kwargs
+        Passed to :class:`~scvi.train.TrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        temperature_start: float = 1.0,
+        temperature_end: float = 0.2,
+        dag_weight_start: float = 0.1,
+        dag_weight_max: float = 100.0,
+        generator_weight_decay: float = 1e-3,
+        **kwargs,
+    ):
+        super().__init__(module, **kwargs)
+        self.temperature_start = temperature_start
+        self.temperature_end = temperature_end
+        self.dag_weight_start = dag_weight_start
+        self.dag_weight_max = dag_weight_max
+        self.generator_weight_decay = generator_weight_decay
+        self.loss_kwargs.update({"dag_weight": dag_weight_start})
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the planned training done, in ``[0, 1]``."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.max_epochs:
+            return 1.0
+        n_batches = max(int(trainer.num_training_batches or 1), 1)
+        done = self.current_epoch + self.global_step % n_batches / n_batches
+        return min(done / trainer.max_epochs, 1.0)
+
+    @staticmethod
+    def _geometric(start: float, end: float, frac: float) -> float:
+        return math.exp(math.log(start) + frac * (math.log(end) - math.log(start)))
+
+    def current_temperature(self) -> float:
+        """Relaxation temperature at the current progress."""
+        return self._geometric(self.temperature_start, self.temperature_end, self.progress)
+
+    def current_dag_weight(self) -> float:
+        """Acyclicity weight at the current progress."""
+        return self._geometric(self.dag_weight_start, self.dag_weight_max, self.progress)
+
+    def training_step(self, batch, batch_idx):
+        """Update the schedules, then the stock scvi-tools training step."""
+        self.module.temperature = self.current_temperature()
+        self.loss_kwargs.update({"dag_weight": self.current_dag_weight()})
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        """Adam with a separate weight decay for the intervention generator."""
+        generator_params = [p for p in self.module.generator.parameters() if p.requires_grad]
+        generator_ids = {id(p) for p in generator_params}
+        other_params = [
+            p for p in self.module.parameters() if p.requires_grad and id(p) not in generator_ids
+        ]
+        optimizer = torch.optim.Adam(
+            [
+                {"params": other_params, "weight_decay": self.weight_decay},
+                {"params": generator_params, "weight_decay": self.generator_weight_decay},
+            ],
+            lr=self.lr,
+            eps=self.eps,
+        )
+        return {"optimizer": optimizer}

@@ -1,0 +1,128 @@
+"""Decoders from latent programs to a gene-expression likelihood."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from scvi.nn import FCLayers
+from torch import nn
+from torch.distributions import Distribution, Normal, Poisson
+
+Likelihood = Literal["nb", "zinb", "poisson", "normal"]
+
+
+class ProgramDecoder(nn.Module):
+    """``p(x | z, cell line, batch)`` with a linear (gene programs) or MLP map.
+
+    For count likelihoods the mean is ``library * softmax(f(z) + bias)``; for ``"normal"``
+    (log-normalised data) it is ``f(z) + bias``. With ``decoder="linear"``,
+    ``f(z) = z D^T`` and the columns of ``D`` (genes x programs) are the gene programs;
+    ``nonnegative_loadings`` keeps them non-negative (each program raises its genes).
+
+    Parameters
+    ----------
+    n_programs
+        Number of latent programs ``K``.
+    n_genes
+        Number of genes ``G``.
+    n_cell_lines
+        Number of cell lines (each gets a gene bias).
+    n_batch
+        Number of batches (each gets a gene bias); ``0`` or ``1`` for none.
+    decoder
+        ``"linear"`` or ``"mlp"``.
+    gene_likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"`` or ``"normal"``.
+    nonnegative_loadings
+        Softplus-parameterised non-negative loadings (linear decoder only).
+    n_hidden
+        Hidden width of the MLP decoder.
+    n_layers
+        Hidden layers of the MLP decoder.
+    """
+
+    def __init__(
+        self,
+        n_programs: int,
+        n_genes: int,
+        n_cell_lines: int = 1,
+        n_batch: int = 0,
+        decoder: Literal["linear", "mlp"] = "linear",
+        gene_likelihood: Likelihood = "nb",
+        nonnegative_loadings: bool = True,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+    ):
+        super().__init__()
+        self.decoder = decoder
+        self.gene_likelihood = gene_likelihood
+        self.nonnegative_loadings = nonnegative_loadings
+        self.line_bias = nn.Parameter(torch.zeros(max(n_cell_lines, 1), n_genes))
+        self.batch_bias = nn.Parameter(torch.zeros(max(n_batch, 1), n_genes))
+        if decoder == "linear":
+            init = torch.randn(n_genes, n_programs) * 0.1
+            self.loadings_raw = nn.Parameter(init - 1.0 if nonnegative_loadings else init)
+        elif decoder == "mlp":
+            self.hidden = FCLayers(
+                n_in=n_programs,
+                n_out=n_hidden,
+                n_layers=n_layers,
+                n_hidden=n_hidden,
+                dropout_rate=0.0,
+                use_batch_norm=False,
+                use_layer_norm=True,
+            )
+            self.out = nn.Linear(n_hidden, n_genes)
+        else:
+            raise ValueError(f"decoder must be 'linear' or 'mlp', got {decoder!r}.")
+        self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
+        if gene_likelihood == "zinb":
+            self.dropout_logits = nn.Parameter(torch.full((n_genes,), -2.0))
+        if gene_likelihood not in ("nb", "zinb", "poisson", "normal"):
+            raise ValueError(
+                "gene_likelihood must be 'nb', 'zinb', 'poisson' or 'normal', "
+                f"got {gene_likelihood!r}."
+            )
+
+    @property
+    def loadings(self) -> torch.Tensor:
+        """Gene loadings ``D`` (genes x programs) of the linear decoder."""
+        if self.decoder != "linear":
+            raise AttributeError("Only the linear decoder has loadings.")
+        if self.nonnegative_loadings:
+            return F.softplus(self.loadings_raw)
+        return self.loadings_raw
+
+    def logits(
+        self, z: torch.Tensor, cell_line: torch.Tensor, batch: torch.Tensor
+    ) -> torch.Tensor:
+        """Unnormalised log-expression (or the mean for ``"normal"``)."""
+        if self.decoder == "linear":
+            out = z @ self.loadings.T
+        else:
+            out = self.out(self.hidden(z))
+        return out + self.line_bias[cell_line.view(-1)] + self.batch_bias[batch.view(-1)]
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        cell_line: torch.Tensor,
+        batch: torch.Tensor,
+    ) -> Distribution:
+        """Likelihood of the counts given programs ``z`` and log library size ``library``."""
+        logits = self.logits(z, cell_line, batch)
+        if self.gene_likelihood == "normal":
+            return Normal(logits, torch.exp(self.log_dispersion).clamp(min=1e-4))
+        scale = torch.softmax(logits, dim=-1)
+        rate = torch.exp(library) * scale
+        theta = torch.exp(self.log_dispersion)
+        if self.gene_likelihood == "nb":
+            return NegativeBinomial(mu=rate, theta=theta, scale=scale)
+        if self.gene_likelihood == "zinb":
+            zi = self.dropout_logits.expand_as(rate)
+            return ZeroInflatedNegativeBinomial(mu=rate, theta=theta, zi_logits=zi, scale=scale)
+        return Poisson(rate)
