@@ -145,8 +145,9 @@ def synthetic(
     -------
     AnnData with integer counts (CSR) in ``.X``; ``.obs`` columns ``condition``,
     ``cell_line``, ``dose``, ``control``, ``split``; ``.obsm["drug_features"]`` (zeros for
-    controls); ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``log10_ec50``,
-    ``hill``, ``dag``, ``loadings``, ``basal_means`` and ``drug_features``.
+    controls); ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``drugs`` (EC50, Hill slope,
+    inert flag and split per drug), ``dag``, ``loadings``, ``basal_means`` and
+    ``drug_features``.
     """
     if n_heldout_drugs + n_validation_drugs >= n_drugs:
         raise ValueError("n_heldout_drugs + n_validation_drugs must be smaller than n_drugs.")
@@ -238,14 +239,21 @@ def synthetic(
     adata.uns["ground_truth"] = {
         "targets": pd.DataFrame(mech["targets"], index=drugs, columns=program_names),
         "shifts": pd.DataFrame(mech["shifts"], index=drugs, columns=program_names),
-        "log10_ec50": pd.Series(mech["log10_ec50"], index=drugs),
-        "hill": pd.Series(mech["hill"], index=drugs),
-        "inert": pd.Series(mech["inert"], index=drugs),
-        "drug_split": pd.Series(split_of_drug.astype(str), index=drugs),
+        "drugs": pd.DataFrame(
+            {
+                "log10_ec50": mech["log10_ec50"],
+                "hill": mech["hill"],
+                "inert": mech["inert"],
+                "split": split_of_drug.astype(str),
+            },
+            index=drugs,
+        ),
         "dag": pd.DataFrame(dag, index=program_names, columns=program_names),
         "loadings": pd.DataFrame(loadings, index=adata.var_names, columns=program_names),
         "basal_means": pd.DataFrame(basal_means, index=lines, columns=program_names),
-        "drug_features": pd.DataFrame(drug_features, index=drugs),
+        "drug_features": pd.DataFrame(
+            drug_features, index=drugs, columns=[f"feature_{j}" for j in range(n_features)]
+        ),
         "params": {"seed": seed, "exogenous_sd": exogenous_sd, "doses": doses.tolist()},
     }
     return adata

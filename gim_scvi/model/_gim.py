@@ -371,6 +371,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         sums = np.asarray(x[indices].sum(axis=1)).reshape(-1)
         return np.log(np.maximum(sums, 1.0)).astype(np.float32)
 
+    @torch.inference_mode()
     def _intervention_tensors(
         self,
         features: np.ndarray,
@@ -481,6 +482,20 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         line_codes = self._cell_line_codes(adata)
         batch_codes = self._batch_codes(adata)
 
+        device = self.module.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            blocks = self._predict_blocks(
+                adata, lines, features3d, dose2d, names, n_cells, mode, sample_counts,
+                rng, torch_gen, control, line_codes, batch_codes, batch_size,
+            )
+        return self._assemble_prediction(blocks, adata, names, lines, features3d, dose2d, mode)
+
+    def _predict_blocks(
+        self, adata, lines, features3d, dose2d, names, n_cells, mode, sample_counts,
+        rng, torch_gen, control, line_codes, batch_codes, batch_size,
+    ) -> list[dict]:
+        n_cond = features3d.shape[0]
         blocks = []
         for line in lines:
             code = self.cell_lines.index(line)
@@ -512,7 +527,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
                         )
                     }
                 )
-        return self._assemble_prediction(blocks, adata, names, lines, features3d, dose2d, mode)
+        return blocks
 
     def _predict_block(
         self,
@@ -548,7 +563,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         )
         expected = px.mean
         if sample_counts:
-            x = px.sample() if self.module.gene_likelihood != "normal" else px.sample()
+            x = px.sample()
         else:
             x = expected
         return {

@@ -392,6 +392,8 @@ class GIMModule(BaseModuleClass):
             kl_local={"kl_z": kl_z, "kl_targets": target_kl},
             kl_global=global_prior,
             extra_metrics={
+                "kl_z": kl_z.mean().detach(),
+                "kl_targets": target_kl.mean().detach(),
                 "acyclicity": acyclicity.detach(),
                 "graph_l1": self.scm.l1().detach(),
                 "temperature": torch.tensor(self.temperature),

@@ -1,0 +1,230 @@
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+
+import gim_scvi
+from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
+from tests.conftest import make_small, setup
+
+
+def _hash(x) -> str:
+    if sp.issparse(x):
+        x = x.tocsr()
+        parts = [x.data, x.indices, x.indptr]
+    else:
+        parts = [np.ascontiguousarray(x)]
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(np.ascontiguousarray(p).tobytes())
+    return h.hexdigest()
+
+
+def test_registry_contents(small_adata):
+    model = gim_scvi.GIM(small_adata, n_programs=3)
+    fields = set(model.registry_["field_registries"])
+    assert {KEYS.X_KEY, KEYS.FEATURES_KEY, KEYS.DOSE_KEY, KEYS.CONTROL_KEY,
+            KEYS.CELL_LINE_KEY} <= fields
+    assert model.summary_stats[f"n_{KEYS.FEATURES_KEY}"] == 8
+    assert model.cell_lines == ["line_A", "line_B"]
+    assert model.registry_["setup_args"]["features_key"] == "drug_features"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(gene_likelihood="nb"),
+        dict(gene_likelihood="zinb"),
+        dict(gene_likelihood="poisson"),
+        dict(decoder="mlp"),
+        dict(graph="cyclic"),
+        dict(graph="none"),
+        dict(intervention="shift+scale"),
+    ],
+)
+def test_training_smoke(small_adata, kwargs):
+    model = gim_scvi.GIM(small_adata, n_programs=3, **kwargs)
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    history = model.history
+    for term in ("reconstruction_loss_train", "kl_local_train", "kl_global_train",
+                 "acyclicity_train", "kl_targets_train", "kl_z_train"):
+        assert term in history, term
+    assert np.isfinite(history["elbo_train"].to_numpy(dtype=float)).all()
+    pred = model.predict(features=small_adata.obsm["drug_features"][-1:], doses=100.0, n_cells=5)
+    assert pred.n_obs == 5 * 2
+    assert np.isfinite(pred.layers["expected"]).all()
+
+
+def test_normal_likelihood_on_lognormalised_data():
+    adata = make_small()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = gim_scvi.tl.lognorm(adata.X)
+    setup(adata)
+    with pytest.raises(ValueError, match="gene_likelihood='normal'"):
+        gim_scvi.GIM(adata, n_programs=3)
+    model = gim_scvi.GIM(adata, n_programs=3, gene_likelihood="normal")
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    pred = model.predict(features=adata.obsm["drug_features"][-1:], doses=100.0, n_cells=4)
+    assert not sp.issparse(pred.X)
+
+
+def test_dag_is_exactly_acyclic(trained):
+    import networkx as nx
+
+    model, _ = trained
+    w = model.get_causal_graph().to_numpy()
+    assert nx.is_directed_acyclic_graph(nx.DiGraph((w != 0).astype(int)))
+    assert np.all(np.diag(w) == 0)
+    assert set(model.graph_pruning_) == {"removed_small", "removed_on_cycles"}
+
+
+def test_heldout_cells_never_trained_on(trained):
+    model, adata = trained
+    split = adata.obs["split"].to_numpy()
+    train_idx = np.asarray(model.train_indices)
+    assert set(split[train_idx]) == {"train"}
+    assert set(np.asarray(model.validation_indices)) == set(np.flatnonzero(split == "valid"))
+    assert set(np.asarray(model.test_indices)) == set(np.flatnonzero(split == "test"))
+    assert len(train_idx) + len(model.validation_indices) + len(model.test_indices) == adata.n_obs
+
+
+def test_predict_unseen_and_combination(trained):
+    model, adata = trained
+    rng = np.random.default_rng(1)
+    new = rng.normal(size=(2, 8)).astype(np.float32)  # features never seen
+    pred = model.predict(features=new, doses=[10.0, 1000.0], conditions=["new_a", "new_b"],
+                         cell_lines="line_B", n_cells=7)
+    assert pred.n_obs == 14
+    assert list(pred.obs["condition"].unique()) == ["new_a", "new_b"]
+    assert set(pred.obs["cell_line"]) == {"line_B"}
+    assert pred.obs["dose"].tolist() == [10.0] * 7 + [1000.0] * 7
+    assert pred.obs["source_cell"].isin(adata.obs_names[adata.obs["control"]]).all()
+    assert sp.issparse(pred.X) and np.all(pred.X.data == np.round(pred.X.data))
+    assert pred.obsm["X_gim"].shape == (14, 4)
+    assert pred.var_names.equals(adata.var_names)
+
+    combo = np.stack([new, new[::-1]], axis=1)  # (2 conditions, 2 components, P)
+    out = model.predict(features=combo, doses=[[10.0, 10.0], [1000.0, 10.0]], cell_lines="line_A",
+                        n_cells=3, mode="mean")
+    assert out.obs["dose"].iloc[0] == "10+10"
+    # composition: shifts of the components add up
+    single = model._intervention_tensors(new[:, None], np.array([[10.0], [10.0]], np.float32),
+                                         np.zeros(2, int), "mean")
+    pair = model._intervention_tensors(combo[:1], np.array([[10.0, 10.0]], np.float32),
+                                       np.zeros(1, int), "mean")
+    assert np.allclose(pair["shift"].numpy(), single["shift"].numpy().sum(0), atol=1e-5)
+    p = single["target_probs"].numpy()
+    assert np.allclose(pair["target_probs"].numpy(), 1 - (1 - p[0]) * (1 - p[1]), atol=1e-5)
+
+
+def test_predict_is_deterministic_and_sample_mode_seeded(trained):
+    model, adata = trained
+    feats = adata.obsm["drug_features"][-1:]
+    a = model.predict(features=feats, doses=100.0, n_cells=5, seed=3)
+    b = model.predict(features=feats, doses=100.0, n_cells=5, seed=3)
+    assert np.array_equal(a.layers["expected"], b.layers["expected"])
+    assert (a.X != b.X).nnz == 0
+    s1 = model.predict(features=feats, doses=100.0, n_cells=50, mode="sample", seed=1)
+    s2 = model.predict(features=feats, doses=100.0, n_cells=50, mode="sample", seed=1)
+    assert np.array_equal(s1.layers["expected"], s2.layers["expected"])
+
+
+def test_getters_and_targets_adata(trained):
+    model, adata = trained
+    targets = model.get_intervention_targets()
+    assert list(targets.index.names) == ["condition", "cell_line"]
+    assert targets.shape[1] == 4
+    assert ((targets >= 0) & (targets <= 1)).all().all()
+    assert "control" not in targets.index.get_level_values("condition")
+    programs = model.get_gene_programs()
+    assert programs.shape == (adata.n_vars, 4) and (programs.to_numpy() >= 0).all()
+    tad = model.targets_to_adata()
+    assert tad.n_vars == 4 and {"condition", "cell_line"} <= set(tad.obs.columns)
+
+
+def test_annotate_writes_keys_and_keeps_data(trained):
+    model, _ = trained
+    adata = make_small()
+    adata.layers["counts"] = adata.X.copy()
+    setup(adata)
+    before = {"X": _hash(adata.X), "counts": _hash(adata.layers["counts"])}
+    obs_before = adata.obs.copy()
+    gim_scvi.tl.annotate(model, adata, key_added="gim")
+    assert _hash(adata.X) == before["X"] and _hash(adata.layers["counts"]) == before["counts"]
+    pd.testing.assert_frame_equal(adata.obs[obs_before.columns], obs_before)
+    assert adata.obsm["X_gim"].shape == (adata.n_obs, 4)
+    assert adata.varm["gim_programs"].shape == (adata.n_vars, 4)
+    assert adata.layers["gim_predicted"].shape == adata.shape
+    assert adata.layers["gim_basal"].shape == adata.shape
+    uns = adata.uns["gim"]
+    for key in ("params", "targets", "shifts", "total_effects", "graph", "predicted_shift",
+                "conditions"):
+        assert key in uns, key
+    assert uns["predicted_shift"].shape[1] == adata.n_vars
+    assert uns["targets"].index.equals(uns["predicted_shift"].index)
+    assert "scvi-tools" in uns["params"]["versions"]
+    # controls: the basal counterfactual equals the prediction
+    ctrl = adata.obs["control"].to_numpy()
+    assert np.allclose(adata.layers["gim_predicted"][ctrl], adata.layers["gim_basal"][ctrl])
+    return adata
+
+
+def test_annotated_adata_round_trips_h5ad(trained, tmp_path):
+    import anndata as ad
+
+    model, _ = trained
+    adata = setup(make_small())
+    gim_scvi.tl.annotate(model, adata)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    pd.testing.assert_frame_equal(back.uns["gim"]["targets"], adata.uns["gim"]["targets"])
+
+
+def test_save_load_identical(trained, tmp_path):
+    model, adata = trained
+    feats = adata.obsm["drug_features"][-2:]
+    before = model.predict(features=feats, doses=[10.0, 1000.0], n_cells=6, seed=2)
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
+    after = loaded.predict(features=feats, doses=[10.0, 1000.0], n_cells=6, seed=2)
+    assert np.array_equal(before.layers["expected"], after.layers["expected"])
+    assert (before.X != after.X).nnz == 0
+    pd.testing.assert_frame_equal(model.get_causal_graph(), loaded.get_causal_graph())
+    bare = gim_scvi.GIM.load(tmp_path / "m", adata=False)
+    pd.testing.assert_frame_equal(
+        model.get_intervention_targets(features=feats, conditions=["a", "b"]),
+        bare.get_intervention_targets(features=feats, conditions=["a", "b"]),
+    )
+    pd.testing.assert_frame_equal(model.get_gene_programs(), bare.get_gene_programs())
+
+
+def test_clear_errors(small_adata, trained):
+    adata = make_small()
+    with pytest.raises(KeyError, match="drug_feats"):
+        setup(adata, features_key="drug_feats")
+    bad = make_small()
+    bad.obsm["drug_features"][5, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        setup(bad)
+    with pytest.raises(KeyError, match="cell_type"):
+        setup(make_small(), cell_line_key="cell_type")
+    model, _ = trained
+    with pytest.raises(ValueError, match=r"\(n_conditions, 8\)"):
+        model.predict(features=np.ones((2, 5)), doses=10.0)
+    with pytest.raises(ValueError, match="Unknown cell line"):
+        model.predict(features=np.ones((1, 8)), doses=10.0, cell_lines="HeLa")
+    with pytest.raises(ValueError, match="pass `doses`"):
+        model.predict(features=np.ones((1, 8)))
+    with pytest.raises(ValueError, match="No cell has"):
+        model2 = gim_scvi.GIM(small_adata, n_programs=3)
+        model2.train(max_epochs=1, split_key="split", train_split="training")
+
+
+def test_zero_feature_rows_are_controls_without_flag():
+    scvi.settings.seed = 0
+    adata = setup(make_small(), control_key=None)
+    model = gim_scvi.GIM(adata, n_programs=3)
+    assert model._control_mask(adata).sum() == adata.obs["control"].sum()

@@ -1,0 +1,49 @@
+import numpy as np
+import scipy.sparse as sp
+
+import gim_scvi
+from tests.conftest import make_small
+
+
+def test_schema_and_ground_truth():
+    adata = make_small()
+    assert sp.isspmatrix_csr(adata.X) or sp.issparse(adata.X)
+    assert np.all(adata.X.data == np.round(adata.X.data))
+    for col in ("condition", "cell_line", "dose", "control", "split"):
+        assert col in adata.obs
+    controls = adata.obs["control"].to_numpy()
+    feats = adata.obsm["drug_features"]
+    assert np.all(feats[controls] == 0)
+    assert np.all(np.any(feats[~controls] != 0, axis=1))
+    assert np.all(adata.obs.loc[~controls, "dose"] > 0)
+    truth = adata.uns["ground_truth"]
+    n_targets = truth["targets"].sum(axis=1)
+    assert n_targets.between(1, 3).all()
+    dag = truth["dag"].to_numpy()
+    # a DAG: some power of the adjacency vanishes
+    assert np.allclose(np.linalg.matrix_power(np.abs(dag) > 0, dag.shape[0]), 0)
+
+
+def test_split_holds_out_whole_drugs():
+    adata = make_small()
+    obs = adata.obs[~adata.obs["control"]]
+    per_drug = obs.groupby("condition", observed=True)["split"].nunique()
+    assert (per_drug == 1).all()
+    test_drugs = set(obs.loc[obs["split"] == "test", "condition"])
+    assert len(test_drugs) == 2
+    # held-out drugs at every dose in every line
+    held = obs[obs["condition"].isin(test_drugs)]
+    assert held.groupby("condition", observed=True)["dose"].nunique().eq(2).all()
+    assert held.groupby("condition", observed=True)["cell_line"].nunique().eq(2).all()
+
+
+def test_seeded_and_realistic_library():
+    a = make_small(seed=3)
+    b = make_small(seed=3)
+    c = make_small(seed=4)
+    assert (a.X != b.X).nnz == 0
+    assert (a.X != c.X).nnz > 0
+    big = gim_scvi.data.synthetic(n_drugs=4, n_heldout_drugs=1, n_validation_drugs=0,
+                                  n_genes=500, cells_per_condition=5, seed=0)
+    lib = np.asarray(big.X.sum(axis=1)).ravel()
+    assert 1500 < np.median(lib) < 6000
