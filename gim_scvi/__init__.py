@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0.0.0"
 
-__all__ = ["GIM", "data", "tl", "__version__"]
+__all__ = ["GIM", "__version__", "data", "tl"]

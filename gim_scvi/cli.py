@@ -12,6 +12,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+SMALL_DEMO = {
+    "n_drugs": 10,
+    "n_heldout_drugs": 2,
+    "n_validation_drugs": 1,
+    "n_cell_lines": 2,
+    "doses": (10.0, 1000.0),
+    "cells_per_condition": 8,
+    "control_cells_per_line": 60,
+    "n_genes": 80,
+    "n_programs": 3,
+    "n_features": 8,
+}
+
 
 def _demo(args: argparse.Namespace) -> int:
     import scvi
@@ -23,7 +36,8 @@ def _demo(args: argparse.Namespace) -> int:
     scvi.settings.seed = args.seed
     print(f"gim_scvi {gim_scvi.__version__}: demo on the built-in synthetic screen")
     t0 = time.perf_counter()
-    adata = gim_scvi.data.synthetic(seed=args.seed, n_genes=args.n_genes)
+    size = SMALL_DEMO if args.small else {}
+    adata = gim_scvi.data.synthetic(seed=args.seed, **{"n_genes": args.n_genes, **size})
     split = adata.obs["split"].value_counts()
     print(
         f"data: {adata.n_obs} cells x {adata.n_vars} genes, "
@@ -55,8 +69,10 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = gim_scvi.tl.evaluate(model, adata, split_key="split", heldout="test")
     summary = gim_scvi.tl.summarize(results)
-    print(f"\nheld-out drugs, predicted in {time.perf_counter() - t0:.1f} s "
-          "(mean over conditions; R2 and Pearson of deltas on log-normalised means):")
+    print(
+        f"\nheld-out drugs, predicted in {time.perf_counter() - t0:.1f} s "
+        "(mean over conditions; R2 and Pearson of deltas on log-normalised means):"
+    )
     cols = ["method", "doses", "r2_all_mean", "r2_deg_mean", "pearson_delta_deg_mean"]
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
@@ -96,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--out", default="gim_demo_output", help="output folder")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--small", action="store_true", help="a tiny data set (for smoke tests)")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -44,8 +44,13 @@ def trained():
     scvi.settings.seed = 0
     adata = setup(make_small())
     model = gim_scvi.GIM(adata, n_programs=4)
-    model.train(max_epochs=3, split_key="split", validation_split="valid", batch_size=64,
-                enable_progress_bar=False)
+    model.train(
+        max_epochs=3,
+        split_key="split",
+        validation_split="valid",
+        batch_size=64,
+        enable_progress_bar=False,
+    )
     return model, adata
 
 

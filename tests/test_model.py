@@ -26,8 +26,13 @@ def _hash(x) -> str:
 def test_registry_contents(small_adata):
     model = gim_scvi.GIM(small_adata, n_programs=3)
     fields = set(model.registry_["field_registries"])
-    assert {KEYS.X_KEY, KEYS.FEATURES_KEY, KEYS.DOSE_KEY, KEYS.CONTROL_KEY,
-            KEYS.CELL_LINE_KEY} <= fields
+    assert {
+        KEYS.X_KEY,
+        KEYS.FEATURES_KEY,
+        KEYS.DOSE_KEY,
+        KEYS.CONTROL_KEY,
+        KEYS.CELL_LINE_KEY,
+    } <= fields
     assert model.summary_stats[f"n_{KEYS.FEATURES_KEY}"] == 8
     assert model.cell_lines == ["line_A", "line_B"]
     assert model.registry_["setup_args"]["features_key"] == "drug_features"
@@ -49,8 +54,14 @@ def test_training_smoke(small_adata, kwargs):
     model = gim_scvi.GIM(small_adata, n_programs=3, **kwargs)
     model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
     history = model.history
-    for term in ("reconstruction_loss_train", "kl_local_train", "kl_global_train",
-                 "acyclicity_train", "kl_targets_train", "kl_z_train"):
+    for term in (
+        "reconstruction_loss_train",
+        "kl_local_train",
+        "kl_global_train",
+        "acyclicity_train",
+        "kl_targets_train",
+        "kl_z_train",
+    ):
         assert term in history, term
     assert np.isfinite(history["elbo_train"].to_numpy(dtype=float)).all()
     pred = model.predict(features=small_adata.obsm["drug_features"][-1:], doses=100.0, n_cells=5)
@@ -95,8 +106,13 @@ def test_predict_unseen_and_combination(trained):
     model, adata = trained
     rng = np.random.default_rng(1)
     new = rng.normal(size=(2, 8)).astype(np.float32)  # features never seen
-    pred = model.predict(features=new, doses=[10.0, 1000.0], conditions=["new_a", "new_b"],
-                         cell_lines="line_B", n_cells=7)
+    pred = model.predict(
+        features=new,
+        doses=[10.0, 1000.0],
+        conditions=["new_a", "new_b"],
+        cell_lines="line_B",
+        n_cells=7,
+    )
     assert pred.n_obs == 14
     assert list(pred.obs["condition"].unique()) == ["new_a", "new_b"]
     assert set(pred.obs["cell_line"]) == {"line_B"}
@@ -107,14 +123,21 @@ def test_predict_unseen_and_combination(trained):
     assert pred.var_names.equals(adata.var_names)
 
     combo = np.stack([new, new[::-1]], axis=1)  # (2 conditions, 2 components, P)
-    out = model.predict(features=combo, doses=[[10.0, 10.0], [1000.0, 10.0]], cell_lines="line_A",
-                        n_cells=3, mode="mean")
+    out = model.predict(
+        features=combo,
+        doses=[[10.0, 10.0], [1000.0, 10.0]],
+        cell_lines="line_A",
+        n_cells=3,
+        mode="mean",
+    )
     assert out.obs["dose"].iloc[0] == "10+10"
     # composition: shifts of the components add up
-    single = model._intervention_tensors(new[:, None], np.array([[10.0], [10.0]], np.float32),
-                                         np.zeros(2, int), "mean")
-    pair = model._intervention_tensors(combo[:1], np.array([[10.0, 10.0]], np.float32),
-                                       np.zeros(1, int), "mean")
+    single = model._intervention_tensors(
+        new[:, None], np.array([[10.0], [10.0]], np.float32), np.zeros(2, int), "mean"
+    )
+    pair = model._intervention_tensors(
+        combo[:1], np.array([[10.0, 10.0]], np.float32), np.zeros(1, int), "mean"
+    )
     assert np.allclose(pair["shift"].numpy(), single["shift"].numpy().sum(0), atol=1e-5)
     p = single["target_probs"].numpy()
     assert np.allclose(pair["target_probs"].numpy(), 1 - (1 - p[0]) * (1 - p[1]), atol=1e-5)
@@ -160,8 +183,15 @@ def test_annotate_writes_keys_and_keeps_data(trained):
     assert adata.layers["gim_predicted"].shape == adata.shape
     assert adata.layers["gim_basal"].shape == adata.shape
     uns = adata.uns["gim"]
-    for key in ("params", "targets", "shifts", "total_effects", "graph", "predicted_shift",
-                "conditions"):
+    for key in (
+        "params",
+        "targets",
+        "shifts",
+        "total_effects",
+        "graph",
+        "predicted_shift",
+        "conditions",
+    ):
         assert key in uns, key
     assert uns["predicted_shift"].shape[1] == adata.n_vars
     assert uns["targets"].index.equals(uns["predicted_shift"].index)

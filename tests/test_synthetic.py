@@ -43,7 +43,13 @@ def test_seeded_and_realistic_library():
     c = make_small(seed=4)
     assert (a.X != b.X).nnz == 0
     assert (a.X != c.X).nnz > 0
-    big = gim_scvi.data.synthetic(n_drugs=4, n_heldout_drugs=1, n_validation_drugs=0,
-                                  n_genes=500, cells_per_condition=5, seed=0)
+    big = gim_scvi.data.synthetic(
+        n_drugs=4,
+        n_heldout_drugs=1,
+        n_validation_drugs=0,
+        n_genes=500,
+        cells_per_condition=5,
+        seed=0,
+    )
     lib = np.asarray(big.X.sum(axis=1)).ravel()
     assert 1500 < np.median(lib) < 6000

@@ -41,7 +41,11 @@ def _drug_mechanisms(
     potency_dir = rng.normal(size=n_mechanism)
     potency = mech @ potency_dir / np.sqrt(n_mechanism)
     magnitude = 1.5 + 1.0 * np.tanh(potency)
-    inert = potency <= np.quantile(potency, inert_fraction) if inert_fraction > 0 else potency < -np.inf
+    inert = (
+        potency <= np.quantile(potency, inert_fraction)
+        if inert_fraction > 0
+        else potency < -np.inf
+    )
     magnitude[inert] = 0.1
     signs = np.sign(mech @ sign_map + 1e-9)
     shifts = np.where(targets, signs * magnitude[:, None], 0.0)
@@ -217,7 +221,9 @@ def synthetic(
 
     counts = _sample_counts(mean_fn, n_cells, theta, rng, chunk_size)
 
-    condition = np.where(treated, np.asarray(drugs, dtype=object)[np.maximum(drug_idx, 0)], "control")
+    condition = np.where(
+        treated, np.asarray(drugs, dtype=object)[np.maximum(drug_idx, 0)], "control"
+    )
     split = np.where(treated, split_of_drug[np.maximum(drug_idx, 0)], "train")
     obs = pd.DataFrame(
         {

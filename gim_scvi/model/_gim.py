@@ -288,7 +288,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``, ...).
         """
-        train_idx, val_idx, test_idx = self._split_indices(split_key, train_split, validation_split)
+        train_idx, val_idx, test_idx = self._split_indices(
+            split_key, train_split, validation_split
+        )
         self._set_training_statistics(train_idx)
         if max_epochs is None:
             max_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
@@ -335,7 +337,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             )
         train = np.flatnonzero(split == train_split)
         val = np.flatnonzero(split == validation_split) if validation_split else np.array([], int)
-        test = np.flatnonzero((split != train_split) & (split != (validation_split or train_split)))
+        test = np.flatnonzero(
+            (split != train_split) & (split != (validation_split or train_split))
+        )
         return train, val, test
 
     def _set_training_statistics(self, train_idx: np.ndarray) -> None:
@@ -391,13 +395,15 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         flat_line = torch.as_tensor(np.repeat(cell_line, m)[:, None], device=device)
         flat_dose = None
         if doses is not None:
-            flat_dose = torch.as_tensor(doses.reshape(n * m, 1), dtype=torch.float32, device=device)
+            flat_dose = torch.as_tensor(
+                doses.reshape(n * m, 1), dtype=torch.float32, device=device
+            )
         out = self.module.intervention(
             flat_feat, flat_dose, flat_line, mode=mode, generator=generator
         )
-        active = torch.as_tensor(
-            ~_zero_rows(features.reshape(n * m, p)), device=device
-        ).float()[:, None]
+        active = torch.as_tensor(~_zero_rows(features.reshape(n * m, p)), device=device).float()[
+            :, None
+        ]
 
         def compose(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else (t * active).view(n, m, -1).sum(1)
@@ -486,14 +492,39 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             blocks = self._predict_blocks(
-                adata, lines, features3d, dose2d, names, n_cells, mode, sample_counts,
-                rng, torch_gen, control, line_codes, batch_codes, batch_size,
+                adata,
+                lines,
+                features3d,
+                dose2d,
+                names,
+                n_cells,
+                mode,
+                sample_counts,
+                rng,
+                torch_gen,
+                control,
+                line_codes,
+                batch_codes,
+                batch_size,
             )
         return self._assemble_prediction(blocks, adata, names, lines, features3d, dose2d, mode)
 
     def _predict_blocks(
-        self, adata, lines, features3d, dose2d, names, n_cells, mode, sample_counts,
-        rng, torch_gen, control, line_codes, batch_codes, batch_size,
+        self,
+        adata,
+        lines,
+        features3d,
+        dose2d,
+        names,
+        n_cells,
+        mode,
+        sample_counts,
+        rng,
+        torch_gen,
+        control,
+        line_codes,
+        batch_codes,
+        batch_size,
     ) -> list[dict]:
         n_cond = features3d.shape[0]
         blocks = []
@@ -766,9 +797,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     def _var_names(self) -> pd.Index:
         if self.adata is not None:
             return self.adata.var_names
-        return pd.Index(self.registry_["field_registries"][KEYS.X_KEY]["state_registry"].get(
-            "column_names", [f"gene_{i}" for i in range(self.summary_stats.n_vars)]
-        ))
+        return pd.Index(
+            self.registry_["field_registries"][KEYS.X_KEY]["state_registry"].get(
+                "column_names", [f"gene_{i}" for i in range(self.summary_stats.n_vars)]
+            )
+        )
 
     def targets_to_adata(self, adata: AnnData | None = None, **kwargs) -> AnnData:
         """Target probabilities as an AnnData (obs: conditions, var: programs).

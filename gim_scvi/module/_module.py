@@ -92,7 +92,9 @@ class GIMModule(BaseModuleClass):
     ):
         super().__init__()
         if intervention not in ("shift", "shift+scale"):
-            raise ValueError(f"intervention must be 'shift' or 'shift+scale', got {intervention!r}.")
+            raise ValueError(
+                f"intervention must be 'shift' or 'shift+scale', got {intervention!r}."
+            )
         if not 0.0 < target_prior < 1.0:
             raise ValueError(f"target_prior must lie in (0, 1), got {target_prior}.")
         self.n_input = n_input
@@ -295,7 +297,11 @@ class GIMModule(BaseModuleClass):
 
     @auto_move_data
     def inference(
-        self, x: torch.Tensor, cell_line: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1
+        self,
+        x: torch.Tensor,
+        cell_line: torch.Tensor,
+        batch_index: torch.Tensor,
+        n_samples: int = 1,
     ) -> dict:
         """``q(z | x, cell line, batch)`` and the observed log library size."""
         cats = [cell_line] + ([batch_index] if self.n_batch > 1 else [])
@@ -376,8 +382,10 @@ class GIMModule(BaseModuleClass):
             z, generative_outputs["shift"], generative_outputs["log_scale"], cell_line
         )
         kl_z = log_q - log_p
-        target_kl = self.target_kl_weight * generative_outputs["target_kl"] / self.cells_per_context
-        kl_local = kl_weight * kl_z + target_kl
+        target_kl = (
+            self.target_kl_weight * generative_outputs["target_kl"] / self.cells_per_context
+        )
+        kl_local = kl_weight * (kl_z + target_kl)
 
         global_prior = self.graph_l1 * self.scm.l1()
         if self.decoder.decoder == "linear":

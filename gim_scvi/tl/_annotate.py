@@ -10,7 +10,6 @@ import torch
 from anndata import AnnData
 
 
-
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("gim_scvi", "scvi-tools", "torch", "anndata", "scanpy", "numpy"):
@@ -30,8 +29,9 @@ def model_params(model) -> dict:
     return {
         "init": {k: ("None" if v is None else v) for k, v in flat.items()},
         "module_kwargs": {k: v for k, v in module_kwargs.items() if v is not None},
-        "setup": {k: ("None" if v is None else v)
-                  for k, v in model.registry_["setup_args"].items()},
+        "setup": {
+            k: ("None" if v is None else v) for k, v in model.registry_["setup_args"].items()
+        },
         "graph_pruning": dict(model.graph_pruning_),
         "versions": _versions(),
     }
@@ -151,8 +151,10 @@ def _profile(px, module):
     """Normalised expression (count likelihoods) or mean (normal) per cell."""
     if module.gene_likelihood == "normal":
         return px.mean
-    return px.scale if hasattr(px, "scale") and px.scale is not None else px.mean / px.mean.sum(
-        -1, keepdim=True
+    return (
+        px.scale
+        if hasattr(px, "scale") and px.scale is not None
+        else px.mean / px.mean.sum(-1, keepdim=True)
     )
 
 

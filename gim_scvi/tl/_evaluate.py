@@ -45,13 +45,15 @@ def group_means(x, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _context_key(condition, dose, line) -> np.ndarray:
-    return np.array([f"{c} | {float(d):g} | {ln}" for c, d, ln in zip(condition, dose, line, strict=True)])
+    return np.array(
+        [f"{c} | {float(d):g} | {ln}" for c, d, ln in zip(condition, dose, line, strict=True)]
+    )
 
 
 def top_degs(
     expression, context: np.ndarray, is_control: np.ndarray, line: np.ndarray, n_degs: int
 ) -> dict[str, np.ndarray]:
-    """Top ``n_degs`` genes per context: scanpy t-test vs the same line's controls, by ``|score|``."""
+    """Top ``n_degs`` genes per context (scanpy t-test vs same-line controls, by abs score)."""
     degs = {}
     for ln in np.unique(line):
         sel = line == ln
@@ -137,15 +139,19 @@ def evaluate(
     scored = held | is_control
     idx = np.flatnonzero(scored)
     expr = lognorm(x[idx]) if model.module.gene_likelihood != "normal" else x[idx]
-    labels, means = group_means(expr, np.where(is_control[idx], "control | " + lines[idx], context[idx]))
+    labels, means = group_means(
+        expr, np.where(is_control[idx], "control | " + lines[idx], context[idx])
+    )
     real = dict(zip(labels, means, strict=True))
     degs = top_degs(expr, context[idx], is_control[idx], lines[idx], n_degs)
 
     # one prediction call per (perturbation, dose) over the lines it was observed in
     frame = pd.DataFrame({"condition": names[held], "dose": doses[held], "cell_line": lines[held]})
-    first = pd.Series(np.flatnonzero(held)).groupby(
-        [frame["condition"].to_numpy(), frame["dose"].to_numpy()]
-    ).first()
+    first = (
+        pd.Series(np.flatnonzero(held))
+        .groupby([frame["condition"].to_numpy(), frame["dose"].to_numpy()])
+        .first()
+    )
     feats = model._features(adata)[first.to_numpy()]
     pred_names = [c for c, _ in first.index]
     pred_doses = np.array([d for _, d in first.index], np.float32)
@@ -173,8 +179,13 @@ def evaluate(
         for method, profile in [("GIM", predicted[ctx]), ("control_mean", control_mean)]:
             rows.append(
                 _score(real[ctx], profile, control_mean, degs.get(ctx))
-                | {"condition": cond, "dose": float(dose), "cell_line": line, "method": method,
-                   "n_cells": int(counts[ctx])}
+                | {
+                    "condition": cond,
+                    "dose": float(dose),
+                    "cell_line": line,
+                    "method": method,
+                    "n_cells": int(counts[ctx]),
+                }
             )
     cols = ["condition", "dose", "cell_line", "method", "n_cells"]
     out = pd.DataFrame(rows)
