@@ -73,8 +73,16 @@ def _demo(args: argparse.Namespace) -> int:
         f"\nheld-out drugs, predicted in {time.perf_counter() - t0:.1f} s "
         "(mean over conditions; R2 and Pearson of deltas on log-normalised means):"
     )
-    cols = ["method", "doses", "r2_all_mean", "r2_deg_mean", "pearson_delta_deg_mean"]
-    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    cols = [
+        "method",
+        "doses",
+        "r2_all_mean",
+        "r2_deg_mean",
+        "r2_deg_median",
+        "pearson_delta_deg_mean",
+    ]
+    print(summary[cols].to_string(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}"))
+    print("(the control mean predicts no change, so its Pearson of deltas is undefined)")
 
     recovery = gim_scvi.tl.ground_truth_recovery(model, adata)
     print("\nrecovery of the true mechanism (programs matched by loadings):")

@@ -254,6 +254,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         graph_threshold: float = 0.05,
+        kl_warmup_fraction: float = 0.25,
         **trainer_kwargs,
     ):
         """Train the model; held-out conditions never influence the weights.
@@ -285,6 +286,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         graph_threshold
             For ``graph="dag"``: edges with ``|w|`` at or below this are removed after training,
             then cycles are broken at their weakest edge, so the graph is exactly acyclic.
+        kl_warmup_fraction
+            Fraction of the epochs over which the KL terms are warmed up from 0 to 1
+            (``plan_kwargs["n_epochs_kl_warmup"]`` overrides it).
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``, ...).
         """
@@ -294,7 +298,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         self._set_training_statistics(train_idx)
         if max_epochs is None:
             max_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
-        plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
+        plan_kwargs = {
+            "lr": lr,
+            "n_epochs_kl_warmup": max(1, round(kl_warmup_fraction * max_epochs)),
+            **(plan_kwargs or {}),
+        }
         datasplitter_kwargs = {
             **(datasplitter_kwargs or {}),
             "external_indexing": [train_idx, val_idx, test_idx],
@@ -303,6 +311,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             raise ValueError("early_stopping needs validation cells: pass `validation_split`.")
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
+        if len(val_idx):
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         result = super().train(
             max_epochs=max_epochs,
             batch_size=batch_size,
@@ -736,8 +746,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         return pd.DataFrame(probs.cpu().numpy(), index=index, columns=self.program_names)
 
     @torch.inference_mode()
-    def get_interventions(self, adata: AnnData | None = None, mode: str = "map") -> dict:
+    def get_interventions(self, adata: AnnData | None = None, mode: str = "mean") -> dict:
         """Shifts, total effects and targets of every perturbed context of ``adata``.
+
+        ``mode`` is ``"mean"`` (expected shift, targets weighted by their probability) or
+        ``"map"`` (targets with probability above 0.5).
 
         Returns
         -------

@@ -38,7 +38,7 @@ class GIMTrainingPlan(TrainingPlan):
         temperature_start: float = 1.0,
         temperature_end: float = 0.2,
         dag_weight_start: float = 0.1,
-        dag_weight_max: float = 100.0,
+        dag_weight_max: float = 1000.0,
         generator_weight_decay: float = 1e-3,
         **kwargs,
     ):

@@ -20,10 +20,13 @@ class InterventionParams(NamedTuple):
     log_scale: torch.Tensor | None
 
 
-def relaxed_bernoulli_straight_through(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+def relaxed_bernoulli(
+    logits: torch.Tensor,
+    temperature: float,
+    hard: bool = True,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Hard ``{0, 1}`` sample with the Gumbel-sigmoid (concrete) gradient.
+    """Gumbel-sigmoid (concrete) sample of Bernoulli variables.
 
     Parameters
     ----------
@@ -31,6 +34,9 @@ def relaxed_bernoulli_straight_through(
         Bernoulli logits.
     temperature
         Relaxation temperature; lower is closer to a hard sample.
+    hard
+        Return a hard ``{0, 1}`` sample with the relaxed gradient (straight-through);
+        otherwise the relaxed value in ``(0, 1)``.
     generator
         Optional random generator for reproducible draws.
     """
@@ -38,8 +44,10 @@ def relaxed_bernoulli_straight_through(
     uniform = uniform.clamp(1e-6, 1 - 1e-6)
     noise = torch.log(uniform) - torch.log1p(-uniform)
     soft = torch.sigmoid((logits + noise) / temperature)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    if not hard:
+        return soft
+    sample = (soft > 0.5).to(soft.dtype)
+    return sample + soft - soft.detach()
 
 
 def bernoulli_kl(logits: torch.Tensor, prior_prob: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from gim_scvi.module._decoder import Likelihood, ProgramDecoder
 from gim_scvi.module._generator import (
     InterventionGenerator,
     bernoulli_kl,
-    relaxed_bernoulli_straight_through,
+    relaxed_bernoulli,
 )
 from gim_scvi.module._scm import GraphType, LatentSCM
 
@@ -63,6 +63,12 @@ class GIMModule(BaseModuleClass):
         Laplace-prior weight on the gene loadings (counted once per data set).
     nonnegative_loadings
         Keep the linear decoder's loadings non-negative.
+    straight_through
+        Hard target samples with relaxed gradients during training (otherwise the relaxed
+        values themselves, which lets shift sizes learn while a target is still unlikely).
+    shift_l1
+        Laplace-prior weight on each context's shift vector ``a`` (a per-context term, like
+        the target KL); it makes unneeded targets cost something.
     """
 
     def __init__(
@@ -85,10 +91,12 @@ class GIMModule(BaseModuleClass):
         generator_layers: int = 1,
         generator_dropout: float = 0.2,
         target_prior: float = 0.1,
-        target_kl_weight: float = 1.0,
+        target_kl_weight: float = 5.0,
         graph_l1: float = 1.0,
-        loadings_l1: float = 1.0,
+        loadings_l1: float = 10.0,
         nonnegative_loadings: bool = True,
+        straight_through: bool = False,
+        shift_l1: float = 0.0,
     ):
         super().__init__()
         if intervention not in ("shift", "shift+scale"):
@@ -107,6 +115,8 @@ class GIMModule(BaseModuleClass):
         self.target_kl_weight = target_kl_weight
         self.graph_l1 = graph_l1
         self.loadings_l1 = loadings_l1
+        self.straight_through = straight_through
+        self.shift_l1 = shift_l1
         self.temperature = 1.0
 
         encoder_cats = [self.n_cell_lines] + ([n_batch] if n_batch > 1 else [])
@@ -197,8 +207,11 @@ class GIMModule(BaseModuleClass):
         params = self.generator(self.standardise_features(features), cell_line)
         probs = torch.sigmoid(params.target_logits)
         if mode == "relaxed":
-            targets = relaxed_bernoulli_straight_through(
-                params.target_logits, self.temperature, generator=generator
+            targets = relaxed_bernoulli(
+                params.target_logits,
+                self.temperature,
+                hard=self.straight_through,
+                generator=generator,
             )
         elif mode == "sample":
             targets = torch.bernoulli(probs, generator=generator)
@@ -252,6 +265,7 @@ class GIMModule(BaseModuleClass):
             log_scale = features.new_zeros(n_cells, self.n_programs)
             log_scale[idx] = out["log_scale"][inverse]
         kl = bernoulli_kl(out["target_logits"], self.target_prior).sum(-1)
+        kl = kl + self.shift_l1 * out["shift"].abs().sum(-1)
         target_kl[idx] = kl[inverse]
         return shift, log_scale, target_kl
 

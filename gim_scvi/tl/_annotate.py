@@ -54,10 +54,14 @@ def annotate(
     - ``.layers[f"{key_added}_predicted"]``: each cell's expected expression under its own
       condition, and ``.layers[f"{key_added}_basal"]``: the same cell's counterfactual
       without its perturbation (expected counts, dense float32; skip with ``layers=False``);
-    - ``.uns[key_added]``: ``params``, ``conditions``, ``targets``, ``shifts``,
-      ``total_effects`` (condition x program), ``graph`` (program x program) and
-      ``predicted_shift`` (condition x gene log2 fold change of the predicted vs the basal
-      expression of the condition's cells).
+    - ``.uns[key_added]``: ``params``, ``conditions`` (perturbation, dose, cell line of each
+      perturbed context), ``targets`` (probabilities), ``shifts`` and ``total_effects``
+      (expected shift ``a`` and its propagation ``a A^{-1}``; condition x program), ``graph``
+      (program x program) and ``predicted_shift`` (condition x gene log2 fold change of the
+      predicted vs the basal normalised expression of the condition's cells).
+
+    The per-cell counterfactuals use the expected intervention (``mode="mean"``), like the
+    ``shifts`` written to ``.uns``.
 
     Parameters
     ----------
@@ -81,7 +85,7 @@ def annotate(
                 "another `key_added`."
             )
     latent, predicted, basal, contexts = _per_cell(model, adata_checked, batch_size, layers)
-    interventions = model.get_interventions(adata_checked)
+    interventions = model.get_interventions(adata_checked, mode="mean")
     adata.obsm[f"X_{key_added}"] = latent
     adata.varm[f"{key_added}_programs"] = model.get_gene_programs().to_numpy()
     if layers:
