@@ -93,7 +93,7 @@ class GIMModule(BaseModuleClass):
         target_prior: float = 0.1,
         target_kl_weight: float = 5.0,
         graph_l1: float = 1.0,
-        loadings_l1: float = 10.0,
+        loadings_l1: float = 200.0,
         nonnegative_loadings: bool = True,
         straight_through: bool = False,
         shift_l1: float = 0.0,
