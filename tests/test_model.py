@@ -253,8 +253,46 @@ def test_clear_errors(small_adata, trained):
         model2.train(max_epochs=1, split_key="split", train_split="training")
 
 
+def test_duplicate_names_and_empty_data_are_refused():
+    adata = make_small()
+    adata.obs_names = ["same"] * adata.n_obs
+    with pytest.raises(ValueError, match="obs_names_make_unique"):
+        setup(adata)
+    adata = make_small()
+    adata.var_names = ["g"] * adata.n_vars
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        setup(adata)
+    with pytest.raises(ValueError, match="empty"):
+        setup(make_small()[:0].copy())
+
+
+def test_bad_doses_and_control_column():
+    adata = make_small()
+    adata.obs.loc[adata.obs_names[~adata.obs["control"]][0], "dose"] = 0.0
+    with pytest.raises(ValueError, match="positive number"):
+        setup(adata)
+    adata = make_small()
+    adata.obs["control"] = np.where(adata.obs["control"], "yes", "no")
+    with pytest.raises(TypeError, match="boolean or 0/1"):
+        setup(adata)
+
+
 def test_zero_feature_rows_are_controls_without_flag():
     scvi.settings.seed = 0
     adata = setup(make_small(), control_key=None)
     model = gim_scvi.GIM(adata, n_programs=3)
     assert model._control_mask(adata).sum() == adata.obs["control"].sum()
+
+
+def test_constant_training_features_are_not_blown_up(small_adata):
+    small_adata.obsm["drug_features"][:, 0] = np.where(
+        small_adata.obs["control"].to_numpy(), 0.0, 1.0
+    )  # a bit that every training drug sets
+    small_adata.obsm["drug_features"][:, 1] = 0.0  # a bit that no drug sets
+    model = gim_scvi.GIM(small_adata, n_programs=3)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert float(model.module.feature_std[0]) == 1.0
+    assert float(model.module.feature_std[1]) == 1.0
+    new = np.ones((1, 8), np.float32)
+    pred = model.predict(features=new, doses=10.0, n_cells=3)
+    assert np.isfinite(pred.layers["expected"]).all()

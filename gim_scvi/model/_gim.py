@@ -148,6 +148,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         %(param_layer)s
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        check.check_adata_shape(adata)
         check.check_layer(adata, layer)
         features = check.check_obsm_features(adata, features_key)
         for key, name in [
@@ -362,7 +363,10 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         module = self.module
         feats = features[treated]
         module.feature_mean.copy_(torch.as_tensor(feats.mean(0)))
-        module.feature_std.copy_(torch.as_tensor(np.maximum(feats.std(0), 1e-3)))
+        # features constant in training (e.g. fingerprint bits never set) are not rescaled,
+        # so a new drug that sets such a bit does not get a huge standardised input
+        std = feats.std(0)
+        module.feature_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
         doses = self._doses(adata)
         key = [feats, self._cell_line_codes(adata)[treated, None].astype(np.float32)]
         if doses is not None:

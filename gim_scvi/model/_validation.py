@@ -94,3 +94,16 @@ def check_doses(adata: AnnData, dose_key: str, treated: np.ndarray) -> None:
             f"{int(bad.sum())} perturbed cells have a dose <= 0 or NaN (e.g. {examples}). "
             "Fix those values or flag the cells as controls."
         )
+
+
+def check_adata_shape(adata: AnnData) -> None:
+    """Refuse empty AnnData and duplicate cell or gene names."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    for axis, names, fix in (
+        ("obs_names", adata.obs_names, "adata.obs_names_make_unique()"),
+        ("var_names", adata.var_names, "adata.var_names_make_unique()"),
+    ):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:3].tolist()
+            raise ValueError(f"adata.{axis} has duplicates (e.g. {dup}); run `{fix}` first.")
