@@ -100,6 +100,8 @@ def test_heldout_cells_never_trained_on(trained):
     assert set(np.asarray(model.validation_indices)) == set(np.flatnonzero(split == "valid"))
     assert set(np.asarray(model.test_indices)) == set(np.flatnonzero(split == "test"))
     assert len(train_idx) + len(model.validation_indices) + len(model.test_indices) == adata.n_obs
+    # the validation drugs are scored every epoch (model selection on unseen drugs)
+    assert len(model.history["elbo_validation"]) == 3
 
 
 def test_predict_unseen_and_combination(trained):
@@ -229,6 +231,14 @@ def test_save_load_identical(trained, tmp_path):
         bare.get_intervention_targets(features=feats, conditions=["a", "b"]),
     )
     pd.testing.assert_frame_equal(model.get_gene_programs(), bare.get_gene_programs())
+    # without any AnnData, basal cells come from the prior, with realistic library sizes
+    from_prior = bare.predict(features=feats, doses=[10.0, 1000.0], n_cells=30, seed=1)
+    assert from_prior.n_obs == 2 * 30 * 2
+    assert from_prior.obs["source_cell"].str.startswith("prior_").all()
+    assert from_prior.var_names.equals(adata.var_names)
+    lib_pred = np.median(np.asarray(from_prior.X.sum(1)).ravel())
+    lib_real = np.median(np.asarray(adata.X.sum(1)).ravel())
+    assert 0.5 < lib_pred / lib_real < 2.0
 
 
 def test_clear_errors(small_adata, trained):

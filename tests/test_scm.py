@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gim_scvi.data import random_dag
 from gim_scvi.module import LatentSCM
@@ -54,3 +56,22 @@ def test_cyclic_and_none_parameterisations():
     assert torch.all(none.weight == 0)
     with pytest.raises(ValueError, match="graph must be"):
         LatentSCM(3, graph="tree")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(min_value=2, max_value=8),
+    edge_prob=st.floats(min_value=0.0, max_value=1.0),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_solver_property(n, edge_prob, seed):
+    rng = np.random.default_rng(seed)
+    w = random_dag(n, edge_prob, rng)
+    scm = _scm_with(w)
+    u = torch.as_tensor(rng.normal(size=(5, n)), dtype=torch.float32)
+    a = torch.as_tensor(rng.normal(size=(5, n)), dtype=torch.float32)
+    z = scm.solve(u, a)
+    expected = (u + a).numpy() @ np.linalg.inv(np.eye(n) - w)
+    assert np.allclose(z.detach().numpy(), expected, atol=1e-4)
+    assert torch.allclose(scm.solve(scm.abduct(z)), z, atol=1e-4)
+    assert scm.is_acyclic()

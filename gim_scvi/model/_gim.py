@@ -374,6 +374,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             module.log_dose_center.fill_(float(log_dose.mean()))
             module.log_dose_scale.fill_(float(max(log_dose.std(), 1e-3)))
             key.append(doses[treated, None])
+        codes = self._cell_line_codes(adata)
+        log_lib = self._library(adata, np.arange(adata.n_obs))
+        for code in np.unique(codes):
+            module.log_library_mean[code] = float(log_lib[codes == code].mean())
+            module.log_library_sd[code] = float(log_lib[codes == code].std())
         n_contexts = len(np.unique(np.concatenate(key, axis=1), axis=0))
         module.cells_per_context.fill_(treated.sum() / n_contexts)
 
@@ -468,6 +473,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             Names of the conditions (default ``"perturbation_<i>"``).
         adata
             Registered AnnData providing the control cells (default: the training AnnData).
+            Without any (a model loaded with ``adata=False``), basal cells are drawn from the
+            learned exogenous prior with library sizes like the training cells'.
         n_cells
             Control cells drawn per condition and line (with replacement if the line has fewer);
             ``None`` uses every control cell once.
@@ -495,84 +502,77 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         dose2d = self._validate_predict_doses(doses, n_cond, n_comp)
         names = _condition_names(conditions, n_cond)
         lines = self._validate_cell_lines(cell_lines)
-        adata = self._validate_anndata(adata if adata is not None else self.adata)
+        adata = adata if adata is not None else self.adata
+        adata = self._validate_anndata(adata) if adata is not None else None
         rng = np.random.default_rng(seed)
-        torch_gen = torch.Generator(device=self.module.device).manual_seed(seed)
-        control = self._control_mask(adata)
-        line_codes = self._cell_line_codes(adata)
-        batch_codes = self._batch_codes(adata)
-
         device = self.module.device
+        torch_gen = torch.Generator(device=device).manual_seed(seed)
+        blocks = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            blocks = self._predict_blocks(
-                adata,
-                lines,
-                features3d,
-                dose2d,
-                names,
-                n_cells,
-                mode,
-                sample_counts,
-                rng,
-                torch_gen,
-                control,
-                line_codes,
-                batch_codes,
-                batch_size,
-            )
-        return self._assemble_prediction(blocks, adata, names, lines, features3d, dose2d, mode)
+            for line in lines:
+                pool = self._control_pool(adata, line, n_cells, rng, torch_gen, batch_size)
+                for i in range(n_cond):
+                    pick = _choose(len(pool["source"]), n_cells, rng)
+                    block = self._predict_block(
+                        features3d[i],
+                        None if dose2d is None else dose2d[i],
+                        self.cell_lines.index(line),
+                        pool["z"][pick],
+                        pool["library"][pick],
+                        pool["batch"][pick],
+                        mode,
+                        sample_counts,
+                        torch_gen,
+                    )
+                    block["obs"] = _prediction_obs(
+                        names[i], dose2d, i, line, pool["source"][pick], mode
+                    )
+                    blocks.append(block)
+        var_names = adata.var_names if adata is not None else self._var_names()
+        return self._assemble_prediction(blocks, var_names, names, lines, features3d, dose2d, mode)
 
-    def _predict_blocks(
+    def _control_pool(
         self,
-        adata,
-        lines,
-        features3d,
-        dose2d,
-        names,
-        n_cells,
-        mode,
-        sample_counts,
-        rng,
-        torch_gen,
-        control,
-        line_codes,
-        batch_codes,
-        batch_size,
-    ) -> list[dict]:
-        n_cond = features3d.shape[0]
-        blocks = []
-        for line in lines:
-            code = self.cell_lines.index(line)
-            pool = np.flatnonzero(control & (line_codes == code))
+        adata: AnnData | None,
+        line: str,
+        n_cells: int | None,
+        rng: np.random.Generator,
+        generator: torch.Generator,
+        batch_size: int,
+    ) -> dict[str, np.ndarray]:
+        """Basal programs, log library sizes, batches and names of the cells to perturb.
+
+        From the control cells of ``line`` in ``adata`` (encoded), or, without an AnnData,
+        drawn from the exogenous prior with library sizes from the training statistics.
+        """
+        code = self.cell_lines.index(line)
+        if adata is not None:
+            control = self._control_mask(adata)
+            pool = np.flatnonzero(control & (self._cell_line_codes(adata) == code))
             if pool.size == 0:
                 raise ValueError(
                     f"No control cells of cell line {line!r} in the AnnData used for prediction; "
                     "pass an `adata` with control cells of that line."
                 )
-            z_pool = self._encode(adata, pool, batch_size)
-            lib_pool = self._library(adata, pool)
-            for i in range(n_cond):
-                pick = _choose(pool.size, n_cells, rng)
-                blocks.append(
-                    self._predict_block(
-                        features3d[i],
-                        None if dose2d is None else dose2d[i],
-                        code,
-                        z_pool[pick],
-                        lib_pool[pick],
-                        batch_codes[pool[pick]],
-                        mode,
-                        sample_counts,
-                        torch_gen,
-                    )
-                    | {
-                        "obs": _prediction_obs(
-                            names[i], dose2d, i, line, adata.obs_names[pool[pick]], mode
-                        )
-                    }
-                )
-        return blocks
+            return {
+                "z": self._encode(adata, pool, batch_size),
+                "library": self._library(adata, pool),
+                "batch": self._batch_codes(adata)[pool],
+                "source": np.asarray(adata.obs_names[pool], dtype=str),
+            }
+        n = n_cells if n_cells is not None else 200
+        module = self.module
+        lines_t = torch.full((n, 1), code, device=module.device)
+        u = module.sample_exogenous(lines_t, generator=generator)
+        noise = torch.randn(n, generator=generator, device=module.device)
+        log_lib = module.log_library_mean[code] + module.log_library_sd[code] * noise
+        return {
+            "z": module.scm.solve(u).cpu().numpy(),
+            "library": log_lib.cpu().numpy().astype(np.float32),
+            "batch": np.zeros(n, dtype=np.int64),
+            "source": np.array([f"prior_{line}_{j}" for j in range(n)]),
+        }
 
     def _predict_block(
         self,
@@ -617,12 +617,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             "latent": z_star.cpu().numpy(),
         }
 
-    def _assemble_prediction(self, blocks, adata, names, lines, features3d, dose2d, mode):
+    def _assemble_prediction(self, blocks, var_names, names, lines, features3d, dose2d, mode):
         x = np.concatenate([b["X"] for b in blocks])
         pred = AnnData(
             X=sp.csr_matrix(x) if self.module.gene_likelihood != "normal" else x,
             obs=pd.concat([b["obs"] for b in blocks], ignore_index=True),
-            var=pd.DataFrame(index=adata.var_names.copy()),
+            var=pd.DataFrame(index=pd.Index(var_names).copy()),
         )
         pred.obs_names = [f"pred_{i}" for i in range(pred.n_obs)]
         for col in ("condition", "cell_line", "mode"):

@@ -161,6 +161,8 @@ class GIMModule(BaseModuleClass):
         self.register_buffer("log_dose_center", torch.zeros(()))
         self.register_buffer("log_dose_scale", torch.ones(()))
         self.register_buffer("cells_per_context", torch.ones(()))
+        self.register_buffer("log_library_mean", torch.full((self.n_cell_lines,), 8.0))
+        self.register_buffer("log_library_sd", torch.full((self.n_cell_lines,), 0.5))
 
     # ------------------------------------------------------------------ interventions
     def standardise_features(self, features: torch.Tensor) -> torch.Tensor:
