@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -102,6 +107,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             **module_kwargs,
         )
         self.graph_pruning_: dict[str, int] = {}
+        self.gim_version_ = _package_version()
         self._model_summary_string = (
             f"GIM with {n_programs} programs, graph={graph!r}, decoder={decoder!r}, "
             f"gene_likelihood={gene_likelihood!r}, intervention={intervention!r}; "
@@ -242,6 +248,27 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         _, inverse = np.unique(features, axis=0, return_inverse=True)
         return np.array([f"perturbation_{i}" for i in inverse.reshape(-1)])
 
+    def align_genes(self, adata: AnnData) -> AnnData:
+        """Return ``adata`` with the model's genes in the model's order.
+
+        The same AnnData if the order already matches; a reordered copy if it holds the same
+        genes in another order; an error naming the differences otherwise.
+        """
+        genes = self._var_names()
+        if adata.var_names.equals(genes):
+            return adata
+        missing = genes.difference(adata.var_names)
+        extra = adata.var_names.difference(genes)
+        if len(missing) or len(extra):
+            raise ValueError(
+                f"The AnnData's genes differ from the model's: {len(missing)} of the model's "
+                f"{len(genes)} genes are missing (e.g. {missing[:3].tolist()}) and {len(extra)} "
+                f"are not in the model (e.g. {extra[:3].tolist()}). Subset or pad the AnnData "
+                "to the model's genes (`model.adata.var_names`) first."
+            )
+        logger.info("Reordering the AnnData's genes to the model's order (a copy).")
+        return adata[:, genes].copy()
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -314,18 +341,32 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        result = super().train(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
-        )
+        try:
+            result = super().train(
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **trainer_kwargs,
+            )
+        except (KeyboardInterrupt, SystemExit):
+            logger.warning(
+                "Training was interrupted; the model keeps the weights reached so far and can "
+                "be used, saved, or trained further (resume with `ckpt_path=` when "
+                "checkpointing was enabled)."
+            )
+            self.is_trained_ = True
+            self._finish_training(graph_threshold)
+            raise
+        self._finish_training(graph_threshold)
+        return result
+
+    def _finish_training(self, graph_threshold: float) -> None:
+        """Evaluation mode and, for a DAG, the exact acyclic projection."""
         self.module.eval()
         if self.module.scm.graph == "dag":
             self.graph_pruning_ = self.module.scm.make_acyclic(threshold=graph_threshold)
-        return result
 
     def _split_indices(
         self, split_key: str | None, train_split: str, validation_split: str | None
@@ -360,6 +401,20 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         treated = ~self._control_mask(adata)
         if not treated.any():
             raise ValueError("The training cells contain no perturbed cell; nothing to learn.")
+        if treated.all():
+            raise ValueError(
+                "The training cells contain no control cell. GIM learns each cell line's basal "
+                "state from its controls: flag vehicle cells with `control_key` or give them "
+                "all-zero feature rows."
+            )
+        codes = self._cell_line_codes(adata)
+        lines_without = sorted(set(codes[treated]) - set(codes[~treated]))
+        if lines_without:
+            logger.warning(
+                "Cell line(s) %s have no control cells in training; predictions in them need "
+                "control cells passed to `predict(adata=...)`.",
+                [self.cell_lines[c] for c in lines_without],
+            )
         module = self.module
         feats = features[treated]
         module.feature_mean.copy_(torch.as_tensor(feats.mean(0)))
@@ -374,13 +429,73 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             module.log_dose_center.fill_(float(log_dose.mean()))
             module.log_dose_scale.fill_(float(max(log_dose.std(), 1e-3)))
             key.append(doses[treated, None])
-        codes = self._cell_line_codes(adata)
         log_lib = self._library(adata, np.arange(adata.n_obs))
         for code in np.unique(codes):
             module.log_library_mean[code] = float(log_lib[codes == code].mean())
             module.log_library_sd[code] = float(log_lib[codes == code].std())
         n_contexts = len(np.unique(np.concatenate(key, axis=1), axis=0))
         module.cells_per_context.fill_(treated.sum() / n_contexts)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, **kwargs) -> None:
+        """Save the model atomically (written to a temporary folder, then renamed).
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write.
+        overwrite
+            Replace an existing folder; otherwise an existing ``dir_path`` is an error.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.save` (``save_anndata``, ...).
+        """
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise FileExistsError(
+                f"{target} already exists; pass `overwrite=True` to replace it or choose "
+                "another folder."
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.gim_version_ = _package_version()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save(str(tmp), overwrite=True, **kwargs)
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                target.rename(backup)
+                tmp.rename(target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, **kwargs):
+        """Load a saved model; a failure names the gim_scvi version that saved it.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData to attach (set up like the training data), ``None`` to load the one saved
+            with the model, or ``False`` to load without data.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+        """
+        try:
+            return super().load(str(dir_path), adata=adata, **kwargs)
+        except (RuntimeError, KeyError, TypeError, ValueError) as err:
+            saved = _saved_version(Path(dir_path))
+            if saved != _package_version():
+                raise RuntimeError(
+                    f"{dir_path} was saved by gim_scvi {saved}; this is gim_scvi "
+                    f"{_package_version()} and cannot read it ({err}). Load it with gim_scvi "
+                    f"{saved}, or retrain."
+                ) from err
+            raise
 
     # ------------------------------------------------------------------ inference helpers
     @torch.inference_mode()
@@ -503,7 +618,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         names = _condition_names(conditions, n_cond)
         lines = self._validate_cell_lines(cell_lines)
         adata = adata if adata is not None else self.adata
-        adata = self._validate_anndata(adata) if adata is not None else None
+        adata = self._validate_anndata(self.align_genes(adata)) if adata is not None else None
         rng = np.random.default_rng(seed)
         device = self.module.device
         torch_gen = torch.Generator(device=device).manual_seed(seed)
@@ -839,6 +954,22 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
 
 # ---------------------------------------------------------------------- helpers
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("gim_scvi")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def _saved_version(dir_path: Path) -> str:
+    """The gim_scvi version recorded in a saved model folder ("unknown" if none)."""
+    try:
+        saved = torch.load(dir_path / "model.pt", map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, ValueError):
+        return "unknown"
+    return str(saved.get("attr_dict", {}).get("gim_version_", "unknown (before 0.1.0)"))
+
+
 def _zero_rows(features) -> np.ndarray:
     if sp.issparse(features):
         return np.asarray(features.getnnz(axis=1) == 0).reshape(-1)

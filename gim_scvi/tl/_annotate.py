@@ -77,6 +77,12 @@ def annotate(
         Cells processed at a time.
     """
     adata = adata if adata is not None else model.adata
+    if not adata.var_names.equals(model._var_names()):
+        raise ValueError(
+            "annotate writes per-gene results, so the AnnData must have the model's genes in "
+            "the model's order: use `adata[:, model.adata.var_names].copy()` (or "
+            "`model.align_genes(adata)`)."
+        )
     adata_checked = model._validate_anndata(adata)
     for existing in (f"{key_added}_predicted", f"{key_added}_basal"):
         if layers and existing in adata.layers and key_added not in adata.uns:

@@ -121,7 +121,8 @@ def evaluate(
     ``cell_line``, ``method``, ``r2_all``, ``r2_deg``, ``pearson_delta_all``,
     ``pearson_delta_deg``, ``n_cells``.
     """
-    adata = model._validate_anndata(adata if adata is not None else model.adata)
+    adata = adata if adata is not None else model.adata
+    adata = model._validate_anndata(model.align_genes(adata))
     if split_key not in adata.obs:
         raise KeyError(f"`split_key={split_key!r}` is not a column of adata.obs.")
     layer = model.registry_["setup_args"]["layer"]
