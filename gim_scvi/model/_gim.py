@@ -108,6 +108,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         )
         self.graph_pruning_: dict[str, int] = {}
         self.gim_version_ = _package_version()
+        self.train_params_: dict = {}
         self._model_summary_string = (
             f"GIM with {n_programs} programs, graph={graph!r}, decoder={decoder!r}, "
             f"gene_likelihood={gene_likelihood!r}, intervention={intervention!r}; "
@@ -320,12 +321,25 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``, ...).
         """
+        self.train_params_ = {
+            "max_epochs": max_epochs,
+            "split_key": split_key,
+            "train_split": train_split,
+            "validation_split": validation_split,
+            "batch_size": batch_size,
+            "lr": lr,
+            "early_stopping": early_stopping,
+            "graph_threshold": graph_threshold,
+            "kl_warmup_fraction": kl_warmup_fraction,
+            **{k: v for k, v in (plan_kwargs or {}).items() if isinstance(v, str | int | float)},
+        }
         train_idx, val_idx, test_idx = self._split_indices(
             split_key, train_split, validation_split
         )
         self._set_training_statistics(train_idx)
         if max_epochs is None:
             max_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
+            self.train_params_["max_epochs"] = max_epochs
         plan_kwargs = {
             "lr": lr,
             "n_epochs_kl_warmup": max(1, round(kl_warmup_fraction * max_epochs)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import inspect
 
 import numpy as np
 import pandas as pd
@@ -26,9 +27,18 @@ def model_params(model) -> dict:
     flat = {**init.get("kwargs", {}), **init.get("non_kwargs", {})}
     flat = {k: v for k, v in flat.items() if isinstance(v, str | int | float | bool | type(None))}
     module_kwargs = init.get("kwargs", {}).get("module_kwargs", {}) or {}
+    defaults = {
+        name: par.default
+        for name, par in inspect.signature(type(model.module).__init__).parameters.items()
+        if par.default is not inspect.Parameter.empty
+    }
+    module_settings = {**defaults, **module_kwargs, **flat}
     return {
         "init": {k: ("None" if v is None else v) for k, v in flat.items()},
-        "module_kwargs": {k: v for k, v in module_kwargs.items() if v is not None},
+        "module": {
+            k: v for k, v in module_settings.items() if isinstance(v, str | int | float | bool)
+        },
+        "train": {k: ("None" if v is None else v) for k, v in model.train_params_.items()},
         "setup": {
             k: ("None" if v is None else v) for k, v in model.registry_["setup_args"].items()
         },
