@@ -15,10 +15,34 @@ def test_demo_small(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out drugs" in printed and "target_auroc" in printed
     table = pd.read_csv(out / "heldout_summary.csv")
-    assert set(table["method"]) == {"GIM", "control_mean"}
+    assert {"GIM", "control_mean", "mean_shift", "nearest_drug", "ridge"} == set(table["method"])
     assert (out / "demo_annotated.h5ad").exists() and (out / "model" / "model.pt").exists()
 
 
 def test_unknown_command_exits():
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_evaluate_command(tmp_path, capsys):
+    out = tmp_path / "demo"
+    main(["demo", "--small", "--epochs", "1", "--n-programs", "3", "--quiet", "--out", str(out)])
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out / "model"),
+                "--data",
+                str(out / "demo_annotated.h5ad"),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "ridge" in printed and "nearest_drug" in printed
+    table = pd.read_csv(tmp_path / "ev" / "heldout_metrics.csv")
+    assert len(table) > 0 and table["r2_all"].notna().all()

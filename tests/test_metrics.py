@@ -77,3 +77,18 @@ def test_lognorm_and_group_means_sparse_dense_agree():
     labels, means = group_means(sparse, groups)
     assert labels.tolist() == ["a", "b"]
     assert np.allclose(means[0], dense[::2].mean(0), atol=1e-5)
+
+
+def test_energy_distance_by_hand():
+    from gim_scvi.tl._metrics import energy_distance
+
+    x = np.array([[0.0], [2.0]])
+    y = np.array([[1.0]])
+    # 2 * mean|x-y| (=1) - mean|x-x'| (=(0+2+2+0)/4=1) - 0 = 1
+    assert energy_distance(x, y) == pytest.approx(1.0)
+    assert energy_distance(x, x) == pytest.approx(0.0)
+    # same mean, different spread: still positive (not just a mean comparison)
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (300, 2))
+    b = rng.normal(0, 3, (300, 2))
+    assert energy_distance(a, b) > 0.3

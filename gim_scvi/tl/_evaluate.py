@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
+from sklearn.decomposition import PCA
 
+from gim_scvi.tl._baselines import BASELINES, TrainingProfiles
 from gim_scvi.tl._metrics import (
+    energy_distance,
     graph_recovery,
     match_programs,
     pearson_delta,
@@ -83,18 +88,27 @@ def evaluate(
     adata: AnnData | None = None,
     split_key: str = "split",
     heldout: str = "test",
+    train_split: str = "train",
+    baselines: tuple[str, ...] = ("control_mean", "mean_shift", "nearest_drug", "ridge"),
     n_cells: int = 200,
     n_degs: int = 50,
+    n_pcs: int = 50,
+    energy_cells: int = 200,
     mode: str = "map",
     seed: int = 0,
+    key_added: str | None = None,
 ) -> pd.DataFrame:
-    """Score a model's predictions of held-out conditions next to the control-mean baseline.
+    """Score predictions of held-out conditions next to simple baselines.
 
     For each held-out (perturbation, dose, cell line), the mean of
     ``log1p(normalize_total(1e4))`` expression of the predicted cells is compared with that of
     the real cells: R² on all genes and on the top ``n_degs`` DEGs (scanpy t-test against the
-    same line's controls, ranked by ``|score|``), both unclipped, and the Pearson correlation
-    of the deltas to the control mean on all genes and on the DEGs.
+    same line's controls, ranked by ``|score|``), unclipped and clipped at 0; the Pearson
+    correlation of the deltas to the control mean on all genes and on the DEGs; and the
+    Euclidean energy distance between predicted and real cells on ``n_pcs`` principal
+    components fitted on training cells (``energy_cells`` cells per side). The baselines
+    (:mod:`gim_scvi.tl._baselines`) are fitted on the training conditions only; their cells are
+    the line's control cells shifted by their predicted change.
 
     Parameters
     ----------
@@ -106,29 +120,45 @@ def evaluate(
         Column of ``adata.obs`` with the split.
     heldout
         Value of ``split_key`` marking the held-out cells to score.
+    train_split
+        Value of ``split_key`` marking the training cells (used to fit the baselines and PCs).
+    baselines
+        Names of the baselines to score beside the model.
     n_cells
         Predicted cells per condition.
     n_degs
         Number of DEGs per condition.
+    n_pcs
+        Principal components for the energy distance.
+    energy_cells
+        Cells per side for the energy distance (subsampled with ``seed``).
     mode
         Prediction mode (see :meth:`~gim_scvi.GIM.predict`).
     seed
-        Seed of the prediction.
+        Seed of the prediction and of the subsampling.
+    key_added
+        If given, write ``results``, ``summary`` and ``params`` to ``adata.uns[key_added]``.
 
     Returns
     -------
     Tidy DataFrame with one row per condition and method and columns ``condition``, ``dose``,
-    ``cell_line``, ``method``, ``r2_all``, ``r2_deg``, ``pearson_delta_all``,
-    ``pearson_delta_deg``, ``n_cells``.
+    ``cell_line``, ``method``, ``n_cells``, ``r2_all``, ``r2_all_clipped``, ``r2_deg``,
+    ``r2_deg_clipped``, ``pearson_delta_all``, ``pearson_delta_deg``, ``energy_distance``.
     """
-    adata = adata if adata is not None else model.adata
-    adata = model._validate_anndata(model.align_genes(adata))
+    user_adata = adata if adata is not None else model.adata
+    adata = model._validate_anndata(model.align_genes(user_adata))
+    for name in baselines:
+        if name not in BASELINES:
+            raise ValueError(f"Unknown baseline {name!r}; choose from {sorted(BASELINES)}.")
     if split_key not in adata.obs:
         raise KeyError(f"`split_key={split_key!r}` is not a column of adata.obs.")
+    rng = np.random.default_rng(seed)
     layer = model.registry_["setup_args"]["layer"]
     x = adata.layers[layer] if layer is not None else adata.X
     is_control = model._control_mask(adata)
-    held = (adata.obs[split_key].astype(str).to_numpy() == heldout) & ~is_control
+    split = adata.obs[split_key].astype(str).to_numpy()
+    held = (split == heldout) & ~is_control
+    train = (split == train_split) & ~is_control
     if not held.any():
         raise ValueError(f"No perturbed cell has adata.obs[{split_key!r}] == {heldout!r}.")
     names = model._perturbation_names(adata)
@@ -136,51 +166,64 @@ def evaluate(
     doses = doses if doses is not None else np.ones(adata.n_obs, np.float32)
     lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
     context = _context_key(names, doses, lines)
+    normal = model.module.gene_likelihood == "normal"
 
-    scored = held | is_control
-    idx = np.flatnonzero(scored)
-    expr = lognorm(x[idx]) if model.module.gene_likelihood != "normal" else x[idx]
-    labels, means = group_means(
-        expr, np.where(is_control[idx], "control | " + lines[idx], context[idx])
-    )
+    idx = np.flatnonzero(is_control | held | train)
+    expr = x[idx] if normal else lognorm(x[idx])
+    group = np.where(is_control[idx], "control | " + lines[idx], context[idx])
+    labels, means = group_means(expr, group)
     real = dict(zip(labels, means, strict=True))
-    degs = top_degs(expr, context[idx], is_control[idx], lines[idx], n_degs)
+    local = {
+        name: np.flatnonzero(mask[idx])
+        for name, mask in (("control", is_control), ("held", held), ("train", train))
+    }
+    sel = np.concatenate([local["control"], local["held"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        degs = top_degs(
+            expr[sel], context[idx][sel], is_control[idx][sel], lines[idx][sel], n_degs
+        )
+    pca = _fit_pca(expr, np.concatenate([local["train"], local["control"]]), n_pcs, rng)
 
-    # one prediction call per (perturbation, dose) over the lines it was observed in
-    frame = pd.DataFrame({"condition": names[held], "dose": doses[held], "cell_line": lines[held]})
-    first = (
-        pd.Series(np.flatnonzero(held))
-        .groupby([frame["condition"].to_numpy(), frame["dose"].to_numpy()])
-        .first()
-    )
-    feats = model._features(adata)[first.to_numpy()]
-    pred_names = [c for c, _ in first.index]
-    pred_doses = np.array([d for _, d in first.index], np.float32)
-    pred = model.predict(
-        features=feats,
-        doses=pred_doses if model.module.has_dose else None,
-        cell_lines=sorted(set(frame["cell_line"])),
-        conditions=pred_names,
-        adata=adata,
-        n_cells=n_cells,
-        mode=mode,
-        seed=seed,
-    )
+    fitted = [
+        BASELINES[name]().fit(_training_profiles(model, adata, train, context, real))
+        for name in baselines
+    ]
+    pred = _predict_heldout(model, adata, held, names, doses, lines, n_cells, mode, seed)
     pred_dose = pred.obs["dose"].to_numpy() if model.module.has_dose else np.ones(pred.n_obs)
     pred_ctx = _context_key(pred.obs["condition"], pred_dose, pred.obs["cell_line"])
-    pred_expr = lognorm(pred.X) if model.module.gene_likelihood != "normal" else pred.X
+    pred_expr = pred.X if normal else lognorm(pred.X)
     p_labels, p_means = group_means(pred_expr, pred_ctx)
     predicted = dict(zip(p_labels, p_means, strict=True))
 
+    features = model._features(adata)
     rows = []
     counts = pd.Series(context[held]).value_counts()
+    first_cell = pd.Series(np.flatnonzero(held)).groupby(context[held]).first()
+    ctrl_local = {ln: local["control"][lines[idx][local["control"]] == ln] for ln in set(lines)}
     for ctx in sorted(set(context[held])):
         cond, dose, line = ctx.split(" | ")
         control_mean = real[f"control | {line}"]
-        for method, profile in [("GIM", predicted[ctx]), ("control_mean", control_mean)]:
+        truth_cells = _project(pca, expr, np.flatnonzero(context[idx] == ctx), energy_cells, rng)
+        gim_cells = _project(pca, pred_expr, np.flatnonzero(pred_ctx == ctx), energy_cells, rng)
+        methods = [("GIM", predicted[ctx], gim_cells)]
+        ctrl_cells = _project(
+            pca, expr, ctrl_local.get(line, np.array([], int)), energy_cells, rng
+        )
+        for baseline in fitted:
+            delta = baseline.predict_delta(features[first_cell[ctx]], float(dose), line)
+            methods.append(
+                (
+                    baseline.name,
+                    control_mean + delta,
+                    ctrl_cells + delta @ pca.components_.T,  # shift control cells by delta
+                )
+            )
+        for method, profile, cells in methods:
             rows.append(
                 _score(real[ctx], profile, control_mean, degs.get(ctx))
                 | {
+                    "energy_distance": energy_distance(cells, truth_cells),
                     "condition": cond,
                     "dose": float(dose),
                     "cell_line": line,
@@ -190,23 +233,101 @@ def evaluate(
             )
     cols = ["condition", "dose", "cell_line", "method", "n_cells"]
     out = pd.DataFrame(rows)
-    return out[cols + [c for c in out.columns if c not in cols]]
+    out = out[cols + [c for c in out.columns if c not in cols]]
+    if key_added is not None:
+        user_adata.uns[key_added] = {
+            "results": out,
+            "summary": summarize(out),
+            "params": {
+                "split_key": split_key,
+                "heldout": heldout,
+                "train_split": train_split,
+                "baselines": list(baselines),
+                "n_cells": n_cells,
+                "n_degs": n_degs,
+                "n_pcs": n_pcs,
+                "energy_cells": energy_cells,
+                "mode": mode,
+                "seed": seed,
+            },
+        }
+    return out
+
+
+def _training_profiles(model, adata, train, context, real) -> TrainingProfiles:
+    """Mean shift of every training condition from its line's controls."""
+    if not train.any():
+        raise ValueError("No perturbed training cell: the baselines have nothing to learn from.")
+    first = pd.Series(np.flatnonzero(train)).groupby(context[train]).first()
+    keys = first.index.to_numpy()
+    parts = [k.split(" | ") for k in keys]
+    lines = np.array([p[2] for p in parts])
+    deltas = np.stack(
+        [real[k] - real[f"control | {ln}"] for k, ln in zip(keys, lines, strict=True)]
+    )
+    return TrainingProfiles(
+        features=model._features(adata)[first.to_numpy()],
+        doses=np.array([float(p[1]) for p in parts]),
+        lines=lines,
+        deltas=deltas,
+        control_means={ln: real[f"control | {ln}"] for ln in set(lines)},
+    )
+
+
+def _predict_heldout(model, adata, held, names, doses, lines, n_cells, mode, seed) -> AnnData:
+    """One prediction call for every held-out (perturbation, dose) in its cell lines."""
+    frame = pd.DataFrame({"condition": names[held], "dose": doses[held]})
+    first = (
+        pd.Series(np.flatnonzero(held))
+        .groupby([frame["condition"].to_numpy(), frame["dose"].to_numpy()])
+        .first()
+    )
+    return model.predict(
+        features=model._features(adata)[first.to_numpy()],
+        doses=np.array([d for _, d in first.index], np.float32) if model.module.has_dose else None,
+        cell_lines=sorted(set(lines[held])),
+        conditions=[c for c, _ in first.index],
+        adata=adata,
+        n_cells=n_cells,
+        mode=mode,
+        seed=seed,
+    )
+
+
+def _fit_pca(expr, rows: np.ndarray, n_pcs: int, rng: np.random.Generator, max_cells=10000):
+    """PCA on (a subsample of) the given rows of the expression matrix."""
+    pick = rng.choice(rows, size=min(len(rows), max_cells), replace=False)
+    sub = expr[np.sort(pick)]
+    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+    n_pcs = min(n_pcs, sub.shape[0] - 1, sub.shape[1])
+    return PCA(n_components=n_pcs, random_state=0).fit(sub)
+
+
+def _project(pca, expr, rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """PC coordinates of up to ``n`` rows (subsampled without replacement)."""
+    if len(rows) == 0:
+        return np.zeros((0, pca.n_components_))
+    pick = np.sort(rng.choice(rows, size=min(len(rows), n), replace=False))
+    sub = expr[pick]
+    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+    return pca.transform(sub)
 
 
 def _score(true, pred, control, deg_idx) -> dict[str, float]:
-    out = {
-        "r2_all": r2_score_means(true, pred),
-        "pearson_delta_all": pearson_delta(true, pred, control),
-    }
+    out = {"r2_all": r2_score_means(true, pred)}
+    out["r2_all_clipped"] = max(out["r2_all"], 0.0)
     if deg_idx is not None:
         out["r2_deg"] = r2_score_means(true[deg_idx], pred[deg_idx])
+        out["r2_deg_clipped"] = max(out["r2_deg"], 0.0)
+    out["pearson_delta_all"] = pearson_delta(true, pred, control)
+    if deg_idx is not None:
         out["pearson_delta_deg"] = pearson_delta(true[deg_idx], pred[deg_idx], control[deg_idx])
     return out
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and median of each metric per method, at the highest dose and over all doses."""
-    metrics = [c for c in results.columns if c.startswith(("r2_", "pearson_"))]
+    metrics = [c for c in results.columns if c.startswith(("r2_", "pearson_", "energy_"))]
     top = results[results["dose"] == results["dose"].max()]
     parts = []
     for label, frame in [("highest_dose", top), ("all_doses", results)]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
@@ -101,3 +102,13 @@ def graph_recovery(
     reversed_ = diff & diff.T & (true | true.T) & (learned | learned.T)
     shd = int(diff[off].sum() - reversed_[off].sum() / 2)
     return {"graph_auroc": auroc, "graph_shd": shd}
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Euclidean energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` between two samples.
+
+    Unlike a squared-Euclidean version, it compares whole distributions, not only means.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+
+import gim_scvi
+from gim_scvi.tl._baselines import (
+    MeanShift,
+    NearestDrug,
+    RidgeShift,
+    TrainingProfiles,
+    similarity,
+)
+from tests.conftest import make_small, setup
+
+
+def b_true():
+    return np.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])
+
+
+def _profiles():
+    # two lines, three drugs with 2-D features, shift = features @ B + log(dose) / 2
+    feats = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = b_true()
+    rows = []
+    for line in ("A", "B"):
+        for dose in (10.0, 1000.0):
+            for f in feats:
+                rows.append((f, dose, line, f @ b + 0.5 * np.log(dose)))
+    return TrainingProfiles(
+        features=np.array([r[0] for r in rows]),
+        doses=np.array([r[1] for r in rows]),
+        lines=np.array([r[2] for r in rows]),
+        deltas=np.array([r[3] for r in rows]),
+    )
+
+
+def test_baselines_known_answers():
+    t = _profiles()
+    mean = MeanShift().fit(t).predict_delta(np.zeros(2), 1000.0, "A")
+    assert np.allclose(mean, t.deltas[(t.lines == "A") & (t.doses == 1000.0)].mean(0))
+    # nearest dose when the dose is unseen: 900 -> 1000
+    assert np.allclose(MeanShift().fit(t).predict_delta(np.zeros(2), 900.0, "A"), mean)
+    near = NearestDrug().fit(t).predict_delta(np.array([0.9, 0.1]), 10.0, "B")
+    assert np.allclose(near, np.array([1.0, 0.0, 2.0]) + 0.5 * np.log(10.0))
+    ridge = RidgeShift(alphas=(1e-6,)).fit(t)
+    # the shift is linear in features and log dose: ridge recovers an unseen drug and dose
+    f_new, d_new = np.array([2.0, -1.0]), 100.0
+    pred = ridge.predict_delta(f_new, d_new, "A")
+    assert np.allclose(pred, f_new @ b_true() + 0.5 * np.log(d_new), atol=1e-3)
+
+
+def test_tanimoto_similarity():
+    a = np.array([[1, 1, 0, 0]])
+    b = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1]])
+    assert np.allclose(similarity(a, b), [[1.0, 1 / 3, 0.0]])
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    model, adata = trained
+    return (
+        model,
+        adata,
+        gim_scvi.tl.evaluate(
+            model, adata, n_cells=20, n_degs=10, n_pcs=5, energy_cells=30, key_added="gim_eval"
+        ),
+    )
+
+
+def test_evaluate_schema_and_uns(evaluated):
+    _, adata, res = evaluated
+    assert set(res["method"]) == {"GIM", "control_mean", "mean_shift", "nearest_drug", "ridge"}
+    for col in (
+        "condition",
+        "dose",
+        "cell_line",
+        "n_cells",
+        "r2_all",
+        "r2_all_clipped",
+        "r2_deg",
+        "r2_deg_clipped",
+        "pearson_delta_all",
+        "pearson_delta_deg",
+        "energy_distance",
+    ):
+        assert col in res, col
+    test_drugs = set(adata.obs.loc[adata.obs["split"] == "test", "condition"])
+    assert set(res["condition"]) == test_drugs
+    # 2 drugs x 2 doses x 2 lines conditions, 5 methods each
+    assert len(res) == 2 * 2 * 2 * 5
+    assert (res["r2_deg_clipped"] >= 0).all()
+    assert (res["energy_distance"] >= -1e-9).all()
+    summary = adata.uns["gim_eval"]["summary"]
+    assert set(summary["doses"]) == {"highest_dose", "all_doses"}
+    assert adata.uns["gim_eval"]["params"]["heldout"] == "test"
+
+
+def test_baselines_never_see_heldout_cells(trained):
+    from gim_scvi.tl._evaluate import _context_key, _training_profiles, group_means, lognorm
+
+    model, adata = trained
+
+    def profiles(data):
+        lines = data.obs["cell_line"].astype(str).to_numpy()
+        control = data.obs["control"].to_numpy()
+        names = data.obs["condition"].astype(str).to_numpy()
+        context = _context_key(names, data.obs["dose"], lines)
+        labels, means = group_means(
+            lognorm(data.X), np.where(control, "control | " + lines, context)
+        )
+        train = (data.obs["split"] == "train").to_numpy() & ~control
+        return _training_profiles(
+            model, data, train, context, dict(zip(labels, means, strict=True))
+        )
+
+    tampered = adata.copy()
+    held = np.flatnonzero((tampered.obs["split"] != "train").to_numpy())
+    x = tampered.X.tolil()
+    x[held, :] = 0
+    x[held, 0] = 500  # held-out and validation cells now look nothing like before
+    tampered.X = x.tocsr()
+    a, b = profiles(adata), profiles(tampered)
+    assert np.array_equal(a.deltas, b.deltas)
+    assert np.array_equal(a.features, b.features)
+    for name in ("mean_shift", "nearest_drug", "ridge"):
+        ba = gim_scvi.tl._baselines.BASELINES[name]().fit(a)
+        bb = gim_scvi.tl._baselines.BASELINES[name]().fit(b)
+        f = adata.obsm["drug_features"][held[0]]
+        assert np.array_equal(
+            ba.predict_delta(f, 10.0, "line_A"), bb.predict_delta(f, 10.0, "line_A")
+        )
+
+
+def test_evaluate_unknown_baseline(trained):
+    model, adata = trained
+    with pytest.raises(ValueError, match="Unknown baseline"):
+        gim_scvi.tl.evaluate(model, adata, baselines=("oracle",))
+
+
+def test_training_profiles_exclude_heldout():
+    from gim_scvi.tl._evaluate import _context_key, _training_profiles, group_means, lognorm
+
+    adata = setup(make_small())
+    model = gim_scvi.GIM(adata, n_programs=3)
+    split = adata.obs["split"].astype(str).to_numpy()
+    control = adata.obs["control"].to_numpy()
+    train = (split == "train") & ~control
+    names = adata.obs["condition"].astype(str).to_numpy()
+    context = _context_key(names, adata.obs["dose"], adata.obs["cell_line"].astype(str))
+    labels, means = group_means(
+        lognorm(adata.X),
+        np.where(control, "control | " + adata.obs["cell_line"].astype(str).to_numpy(), context),
+    )
+    real = dict(zip(labels, means, strict=True))
+    profiles = _training_profiles(model, adata, train, context, real)
+    test_drugs = set(names[split == "test"])
+    assert len(profiles.lines) == len(set(context[train]))
+    seen = {tuple(f) for f in profiles.features}
+    for drug in test_drugs:
+        f = adata.obsm["drug_features"][np.flatnonzero(names == drug)[0]]
+        assert tuple(f) not in seen
