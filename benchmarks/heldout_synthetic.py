@@ -68,12 +68,13 @@ def main() -> None:
     recovery = pd.DataFrame(recoveries)
     cols = [
         "seed",
-        "method",
         "doses",
+        "method",
         "r2_all_mean",
         "r2_deg_mean",
         "r2_deg_median",
         "pearson_delta_deg_mean",
+        "energy_distance_mean",
     ]
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(recovery.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
