@@ -360,3 +360,72 @@ def ground_truth_recovery(model, adata: AnnData | None = None) -> dict[str, floa
             out |= {f"{k}_{name}": v for k, v in rec.items()}
     out |= graph_recovery(truth["dag"].to_numpy(), model.get_causal_graph().to_numpy(), match)
     return out
+
+
+def condition_deltas(
+    model,
+    adata: AnnData,
+    condition: str,
+    dose: float | None = None,
+    cell_line: str | None = None,
+    n_degs: int = 50,
+    n_cells: int = 200,
+    mode: str = "map",
+    seed: int = 0,
+) -> dict:
+    """Observed and predicted mean log1p-normalised profiles of one condition on its DEGs.
+
+    Returns
+    -------
+    Dict with ``genes`` (the DEGs), ``observed_mean``, ``predicted_mean``, ``control_mean``,
+    ``observed_delta``, ``predicted_delta`` (on the DEGs), ``dose`` and ``cell_line``.
+    """
+    adata = model._validate_anndata(model.align_genes(adata))
+    layer = model.registry_["setup_args"]["layer"]
+    x = adata.layers[layer] if layer is not None else adata.X
+    names = model._perturbation_names(adata)
+    is_control = model._control_mask(adata)
+    lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
+    doses = model._doses(adata)
+    mine = (names == condition) & ~is_control
+    if not mine.any():
+        raise ValueError(f"No perturbed cell of condition {condition!r} in the AnnData.")
+    line = cell_line or str(lines[mine][0])
+    mine &= lines == line
+    if doses is not None:
+        dose = float(doses[mine].max()) if dose is None else float(dose)
+        mine &= np.isclose(doses, dose)
+    if not mine.any():
+        raise ValueError(f"No cell of {condition!r} at dose {dose} in cell line {line!r}.")
+    controls = is_control & (lines == line)
+    rows = np.flatnonzero(mine | controls)
+    normal = model.module.gene_likelihood == "normal"
+    expr = x[rows] if normal else lognorm(x[rows])
+    labels = np.where(controls[rows], "__control__", condition)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        degs = top_degs(expr, labels, controls[rows], np.full(len(rows), line), n_degs)
+    genes = degs[condition]
+    _, means = group_means(expr, labels)  # sorted labels: "__control__" first
+    control_mean, observed = means[0], means[1]
+    pred = model.predict(
+        features=model._features(adata)[np.flatnonzero(mine)[:1]],
+        doses=dose if model.module.has_dose else None,
+        cell_lines=line,
+        conditions=[condition],
+        adata=adata,
+        n_cells=n_cells,
+        mode=mode,
+        seed=seed,
+    )
+    predicted = np.asarray((pred.X if normal else lognorm(pred.X)).mean(axis=0)).ravel()
+    return {
+        "genes": np.asarray(adata.var_names[genes]),
+        "observed_mean": observed[genes],
+        "predicted_mean": predicted[genes],
+        "control_mean": control_mean[genes],
+        "observed_delta": observed[genes] - control_mean[genes],
+        "predicted_delta": predicted[genes] - control_mean[genes],
+        "dose": np.nan if dose is None else dose,
+        "cell_line": line,
+    }

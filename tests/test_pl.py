@@ -1,0 +1,84 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+import gim_scvi
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _no_files(tmp_path):
+    return list(tmp_path.iterdir()) == []
+
+
+def test_targets_plot(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, adata = trained
+    axes = gim_scvi.pl.targets(model, show=False)
+    assert "mainplot_ax" in axes
+    drugs = sorted(set(adata.obs.loc[~adata.obs["control"], "condition"].astype(str)))
+    pathway = pd.Series({d: "A" if i % 2 else "B" for i, d in enumerate(drugs)})
+    axes = gim_scvi.pl.targets(model, annotation=pathway, show=False)
+    labels = [t.get_text() for t in axes["mainplot_ax"].get_yticklabels()]
+    assert set(labels) == {"A", "B"}
+    assert _no_files(tmp_path)
+    gim_scvi.pl.targets(model.targets_to_adata(), save=tmp_path / "t.png", show=False)
+    assert (tmp_path / "t.png").exists()
+    with pytest.raises(ValueError, match="Unknown condition"):
+        gim_scvi.pl.targets(model, conditions=["nope"], show=False)
+
+
+def test_causal_graph_plot(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, adata = trained
+    drug = str(adata.obs.loc[~adata.obs["control"], "condition"].iloc[0])
+    ax = gim_scvi.pl.causal_graph(model, condition=drug, show=False)
+    assert isinstance(ax, matplotlib.axes.Axes)
+    assert _no_files(tmp_path)
+    gim_scvi.pl.causal_graph(model, save=tmp_path / "g.pdf", show=False)
+    assert (tmp_path / "g.pdf").exists()
+
+
+def test_dose_response_plot(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, adata = trained
+    drug = str(adata.obs.loc[~adata.obs["control"], "condition"].iloc[0])
+    ax = gim_scvi.pl.dose_response(model, drug, n_top=2, show=False)
+    assert len(ax.get_lines()) >= 2 + 2  # two programs and the two training doses
+    ax = gim_scvi.pl.dose_response(model, drug, programs=["program_0"], show=False)
+    assert ax.get_legend_handles_labels()[1] == ["program_0"]
+    assert _no_files(tmp_path)
+    with pytest.raises(ValueError, match="Unknown condition"):
+        gim_scvi.pl.dose_response(model, "nope", show=False)
+
+
+def test_predicted_vs_observed_plot(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, adata = trained
+    drug = str(adata.obs.loc[adata.obs["split"] == "test", "condition"].iloc[0])
+    ax = gim_scvi.pl.predicted_vs_observed(model, adata, drug, n_degs=10, n_cells=20, show=False)
+    assert "DEG R²" in ax.get_title()
+    assert len(ax.collections[0].get_offsets()) == 10
+    assert _no_files(tmp_path)
+
+
+def test_programs_plot(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, _ = trained
+    axes = gim_scvi.pl.programs(model, n_genes=5, show=False)
+    assert isinstance(axes, np.ndarray) and axes.size >= 4
+    assert len(axes.flat[0].patches) == 5
+    assert _no_files(tmp_path)
+    gim_scvi.pl.programs(model, programs=["program_1"], save=tmp_path / "p.png", show=False)
+    assert (tmp_path / "p.png").exists()
+    with pytest.raises(ValueError, match="Unknown program"):
+        gim_scvi.pl.programs(model, programs=["program_99"], show=False)
