@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from gim_scvi import data, pl, tl
+from gim_scvi import data, pl, pp, tl
 from gim_scvi.model import GIM
 
 try:
@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0.0.0"
 
-__all__ = ["GIM", "__version__", "data", "pl", "tl"]
+__all__ = ["GIM", "__version__", "data", "pl", "pp", "tl"]

@@ -1,5 +1,25 @@
-"""Data sets: synthetic screens with ground truth."""
+"""Data sets: synthetic screens with ground truth, sci-Plex 3 reading and splits."""
 
-from gim_scvi.data._synthetic import random_dag, synthetic
+from gim_scvi.data._compounds import match_compounds, normalize_name, sciplex3_compounds
+from gim_scvi.data._sciplex import (
+    SCIPLEX3_OOD_DRUGS,
+    detect_sciplex3_schema,
+    read_sciplex3,
+    sciplex3_ood_split,
+    synthetic_sciplex,
+)
+from gim_scvi.data._synthetic import random_dag, simulate_screen, synthetic
 
-__all__ = ["random_dag", "synthetic"]
+__all__ = [
+    "SCIPLEX3_OOD_DRUGS",
+    "detect_sciplex3_schema",
+    "match_compounds",
+    "normalize_name",
+    "random_dag",
+    "read_sciplex3",
+    "sciplex3_compounds",
+    "sciplex3_ood_split",
+    "simulate_screen",
+    "synthetic",
+    "synthetic_sciplex",
+]

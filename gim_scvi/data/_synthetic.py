@@ -27,9 +27,13 @@ def _drug_mechanisms(
     n_mechanism: int,
     inert_fraction: float,
     rng: np.random.Generator,
+    mechanism: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Targets, shifts and dose response as smooth functions of a hidden mechanism vector."""
-    mech = rng.normal(size=(n_drugs, n_mechanism))
+    """Targets, shifts and dose response as smooth functions of a hidden mechanism vector.
+
+    The mechanism vectors are drawn from a standard normal unless given.
+    """
+    mech = rng.normal(size=(n_drugs, n_mechanism)) if mechanism is None else mechanism
     target_map = rng.normal(size=(n_mechanism, n_programs))
     sign_map = rng.normal(size=(n_mechanism, n_programs))
     scores = mech @ target_map / np.sqrt(n_mechanism)
@@ -158,9 +162,70 @@ def synthetic(
     rng = np.random.default_rng(seed)
     drugs = [f"drug_{i:03d}" for i in range(n_drugs)]
     lines = [f"line_{chr(ord('A') + i)}" for i in range(n_cell_lines)]
+
+    def make_drugs(rng: np.random.Generator):
+        mech = _drug_mechanisms(n_drugs, n_programs, n_mechanism, inert_fraction, rng)
+        feature_map = rng.normal(size=(n_mechanism, n_features)) / np.sqrt(n_mechanism)
+        drug_features = mech["mechanism"] @ feature_map
+        drug_features += feature_noise * rng.normal(size=drug_features.shape)
+        perm = rng.permutation(n_drugs)
+        split_of_drug = np.array(["train"] * n_drugs, dtype=object)
+        split_of_drug[perm[:n_heldout_drugs]] = "test"
+        split_of_drug[perm[n_heldout_drugs : n_heldout_drugs + n_validation_drugs]] = "valid"
+        return mech, split_of_drug, drug_features.astype(np.float32)
+
+    adata, drug_features = simulate_screen(
+        drugs,
+        lines,
+        make_drugs,
+        rng,
+        doses=doses,
+        cells_per_condition=cells_per_condition,
+        control_cells_per_line=control_cells_per_line,
+        n_genes=n_genes,
+        n_programs=n_programs,
+        edge_prob=edge_prob,
+        exogenous_sd=exogenous_sd,
+        library_median=library_median,
+        chunk_size=chunk_size,
+    )
+    treated = ~adata.obs["control"].to_numpy()
+    codes = adata.obs["condition"].cat.codes.to_numpy() - 1  # "control" is category 0
+    features = np.zeros((adata.n_obs, n_features), dtype=np.float32)
+    features[treated] = drug_features[codes[treated]]
+    adata.obsm["drug_features"] = features
+    adata.uns["ground_truth"]["drug_features"] = pd.DataFrame(
+        drug_features, index=drugs, columns=[f"feature_{j}" for j in range(n_features)]
+    )
+    adata.uns["ground_truth"]["params"]["seed"] = seed
+    return adata
+
+
+def simulate_screen(
+    drugs: list[str],
+    lines: list[str],
+    make_drugs,
+    rng: np.random.Generator,
+    doses: Sequence[float],
+    cells_per_condition: int,
+    control_cells_per_line: int,
+    n_genes: int,
+    n_programs: int,
+    edge_prob: float,
+    exogenous_sd: float,
+    library_median: float,
+    chunk_size: int,
+) -> tuple[AnnData, np.ndarray]:
+    """Counts of every drug x dose x line (and controls) from a random latent causal model.
+
+    ``make_drugs(rng)`` returns the drugs' mechanisms (see ``_drug_mechanisms``), their split
+    labels and their feature table; it is called after the causal model is drawn. Returns the
+    AnnData (obs ``condition``, ``cell_line``, ``dose``, ``control``, ``split``; ground truth
+    in ``.uns``) and the feature table.
+    """
+    n_cell_lines = len(lines)
     dag = random_dag(n_programs, edge_prob, rng)
     solve = np.linalg.inv(np.eye(n_programs) - dag)
-
     loadings = np.where(
         rng.random((n_genes, n_programs)) < 1.5 / n_programs,
         rng.uniform(0.3, 1.0, (n_genes, n_programs)),
@@ -170,34 +235,27 @@ def synthetic(
     line_bias = rng.normal(0, 0.2, (n_cell_lines, n_genes))
     basal_means = rng.normal(0, 0.5, (n_cell_lines, n_programs))
     theta = np.exp(rng.normal(np.log(5.0), 0.5, n_genes))
-
-    mech = _drug_mechanisms(n_drugs, n_programs, n_mechanism, inert_fraction, rng)
-    feature_map = rng.normal(size=(n_mechanism, n_features)) / np.sqrt(n_mechanism)
-    drug_features = mech["mechanism"] @ feature_map
-    drug_features += feature_noise * rng.normal(size=drug_features.shape)
-    drug_features = drug_features.astype(np.float32)
-
-    perm = rng.permutation(n_drugs)
-    split_of_drug = np.array(["train"] * n_drugs, dtype=object)
-    split_of_drug[perm[:n_heldout_drugs]] = "test"
-    split_of_drug[perm[n_heldout_drugs : n_heldout_drugs + n_validation_drugs]] = "valid"
+    mech, split_of_drug, drug_features = make_drugs(rng)
+    n_drugs = len(drugs)
 
     # cell table: controls first, then drug x dose x line
     doses = np.asarray(doses, dtype=float)
-    drug_idx, dose_val, line_idx = [], [], []
-    for c in range(n_cell_lines):
-        drug_idx += [-1] * control_cells_per_line
-        dose_val += [0.0] * control_cells_per_line
-        line_idx += [c] * control_cells_per_line
-    for d in range(n_drugs):
-        for dose in doses:
-            for c in range(n_cell_lines):
-                drug_idx += [d] * cells_per_condition
-                dose_val += [dose] * cells_per_condition
-                line_idx += [c] * cells_per_condition
-    drug_idx = np.asarray(drug_idx)
-    dose_val = np.asarray(dose_val)
-    line_idx = np.asarray(line_idx)
+    n_ctrl = control_cells_per_line * n_cell_lines
+    grid_drug, grid_dose, grid_line = np.meshgrid(
+        np.arange(n_drugs), doses, np.arange(n_cell_lines), indexing="ij"
+    )
+    drug_idx = np.concatenate(
+        [np.full(n_ctrl, -1), np.repeat(grid_drug.ravel(), cells_per_condition)]
+    )
+    dose_val = np.concatenate(
+        [np.zeros(n_ctrl), np.repeat(grid_dose.ravel(), cells_per_condition)]
+    )
+    line_idx = np.concatenate(
+        [
+            np.repeat(np.arange(n_cell_lines), control_cells_per_line),
+            np.repeat(grid_line.ravel(), cells_per_condition),
+        ]
+    )
     n_cells = drug_idx.size
     treated = drug_idx >= 0
 
@@ -235,13 +293,10 @@ def synthetic(
         },
         index=[f"cell_{i}" for i in range(n_cells)],
     )
-    features = np.zeros((n_cells, n_features), dtype=np.float32)
-    features[treated] = drug_features[d_t]
     program_names = [f"true_program_{k}" for k in range(n_programs)]
     adata = AnnData(
         X=counts, obs=obs, var=pd.DataFrame(index=[f"gene_{g:04d}" for g in range(n_genes)])
     )
-    adata.obsm["drug_features"] = features
     adata.uns["ground_truth"] = {
         "targets": pd.DataFrame(mech["targets"], index=drugs, columns=program_names),
         "shifts": pd.DataFrame(mech["shifts"], index=drugs, columns=program_names),
@@ -257,9 +312,6 @@ def synthetic(
         "dag": pd.DataFrame(dag, index=program_names, columns=program_names),
         "loadings": pd.DataFrame(loadings, index=adata.var_names, columns=program_names),
         "basal_means": pd.DataFrame(basal_means, index=lines, columns=program_names),
-        "drug_features": pd.DataFrame(
-            drug_features, index=drugs, columns=[f"feature_{j}" for j in range(n_features)]
-        ),
-        "params": {"seed": seed, "exogenous_sd": exogenous_sd, "doses": doses.tolist()},
+        "params": {"exogenous_sd": exogenous_sd, "doses": doses.tolist()},
     }
-    return adata
+    return adata, drug_features

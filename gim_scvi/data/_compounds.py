@@ -1,0 +1,121 @@
+"""The shipped sci-Plex 3 compound table and robust compound-name matching.
+
+Source of ``sciplex3_compounds.csv``: theislab/chemCPA ``embeddings/trapnell_drugs_smiles.csv``
+(MIT License, commit 5cbd04d, 2022-01-18; header line added). Compounds from Srivatsan et al.,
+Science 367:45 (2020).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cache
+from importlib.resources import files
+
+import pandas as pd
+
+# salt / solvate words dropped before matching ("Givinostat HCl", "... hydrochloride hydrate")
+_SALTS = (
+    "dihydrochloride",
+    "hydrochloride",
+    "hydrobromide",
+    "dimesylate",
+    "mesylate",
+    "maleate",
+    "fumarate",
+    "tartrate",
+    "citrate",
+    "phosphate",
+    "sulfate",
+    "succinate",
+    "tosylate",
+    "besylate",
+    "acetate",
+    "lactate",
+    "sodium",
+    "potassium",
+    "calcium",
+    "hydrate",
+    "monohydrate",
+    "dihydrate",
+    "trihydrate",
+    "2hcl",
+    "3hcl",
+    "hcl",
+    "hbr",
+    "salt",
+    "free base",
+    "racemic",
+)
+_BRACKETS = re.compile(r"[\(\[]([^\)\]]*)[\)\]]")
+# names in the shipped table that differ from the vendor's product name beyond salts/aliases
+_ALIASES = {"auroraainhibitori": "Aurora"}
+
+
+@cache
+def sciplex3_compounds() -> pd.DataFrame:
+    """The 187 sci-Plex 3 compounds (``name``, ``smiles``, ``pathway``), vehicle rows excluded."""
+    path = files("gim_scvi.data").joinpath("sciplex3_compounds.csv")
+    with path.open() as handle:
+        table = pd.read_csv(handle, dtype=str, keep_default_na=False)
+    return table[table["name"] != "control"].reset_index(drop=True)
+
+
+def normalize_name(name: str) -> str:
+    """Lower-case name without salts, bracketed aliases or punctuation."""
+    text = _BRACKETS.sub(" ", str(name).lower())
+    return _strip_salts(text)
+
+
+def _strip_salts(text: str) -> str:
+    words = re.split(r"[\s,;/]+", text.strip())
+    while words and words[-1] in _SALTS:
+        words.pop()
+    joined = " ".join(words)
+    for salt in _SALTS:
+        joined = re.sub(rf"\b{re.escape(salt)}\b", " ", joined)
+    return re.sub(r"[^a-z0-9]", "", joined)
+
+
+def _candidates(name: str) -> list[str]:
+    """Normalised forms to try: the name without brackets, then each bracketed alias."""
+    out = [normalize_name(name)]
+    out += [_strip_salts(alias.lower()) for alias in _BRACKETS.findall(str(name))]
+    return [c for c in out if c]
+
+
+def match_compounds(
+    names: Iterable[str], table: pd.DataFrame | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """Match compound names to the compound table robustly.
+
+    Case, punctuation, salts (``HCl``, ``mesylate``, ...) and bracketed aliases
+    (``"Givinostat (ITF2357)"``) are tolerated; either the main name or an alias may match.
+
+    Parameters
+    ----------
+    names
+        Compound names as they appear in a data set.
+    table
+        Compound table with a ``name`` column (default: :func:`sciplex3_compounds`).
+
+    Returns
+    -------
+    A mapping from each matched input name to the table's name, and the unmatched names.
+    """
+    table = sciplex3_compounds() if table is None else table
+    lookup: dict[str, str] = {}
+    for canonical in table["name"]:
+        for key in _candidates(canonical):
+            lookup.setdefault(key, canonical)
+    for alias, canonical in _ALIASES.items():
+        if canonical in set(table["name"]):
+            lookup.setdefault(alias, canonical)
+    matched, unmatched = {}, []
+    for name in dict.fromkeys(map(str, names)):
+        hit = next((lookup[c] for c in _candidates(name) if c in lookup), None)
+        if hit is None:
+            unmatched.append(name)
+        else:
+            matched[name] = hit
+    return matched, unmatched

@@ -1,0 +1,285 @@
+"""sci-Plex 3 reading (both schemas), name matching, featurisation and the OOD split."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+from anndata import AnnData, read_h5ad
+
+import gim_scvi
+from gim_scvi.data import (
+    SCIPLEX3_OOD_DRUGS,
+    match_compounds,
+    read_sciplex3,
+    sciplex3_compounds,
+    sciplex3_ood_split,
+)
+from gim_scvi.pp import featurize_smiles, smiles_to_features
+
+# names as the pertpy / scPerturb file spells them (vendor product names)
+PRODUCT_NAMES = {
+    "Givinostat": "Givinostat (ITF2357)",
+    "Quisinostat": "Quisinostat (JNJ-26481585) 2HCl",
+    "Alvespimycin": "Alvespimycin (17-DMAG) HCl",
+    "Flavopiridol": "Flavopiridol HCl",
+    "Belinostat": "Belinostat (PXD101)",
+    "Dacinostat": "Dacinostat (LAQ824)",
+    "Hesperadin": "Hesperadin",
+    "TAK-901": "TAK-901",
+    "Tanespimycin": "Tanespimycin (17-AAG)",
+    "Abexinostat": "Abexinostat (PCI-24781)",
+    "AC480": "AC480 (BMS-599626)",
+    "Aurora A Inhibitor I": "Aurora A Inhibitor I",
+}
+DRUGS = list(PRODUCT_NAMES)
+LINES = ["A549", "K562", "MCF7"]
+DOSES = [10.0, 100.0, 1000.0, 10000.0]
+
+
+def _counts_table(seed=0, cells=4, controls=20, genes=40):
+    """Counts and a cell table: every drug x dose x line, plus controls per line."""
+    rng = np.random.default_rng(seed)
+    rows = [("control", 0.0, line) for line in LINES for _ in range(controls)]
+    rows += [(d, dose, ln) for d in DRUGS for dose in DOSES for ln in LINES for _ in range(cells)]
+    table = pd.DataFrame(rows, columns=["drug", "dose", "line"])
+    base = rng.gamma(1.0, 1.0, genes)
+    effect = {d: rng.normal(0, 1, genes) for d in DRUGS}
+    mu = np.stack(
+        [
+            base * np.exp(0 if d == "control" else effect[d] * np.log10(dose) / 4)
+            for d, dose, _ in rows
+        ]
+    )
+    counts = sp.csr_matrix(rng.poisson(mu * 3).astype(np.float32))
+    genes_names = [f"GENE{i}" for i in range(genes)]
+    return table, counts, genes_names
+
+
+def _lognorm(counts):
+    return gim_scvi.tl.lognorm(counts)
+
+
+def write_chemcpa(path, with_counts=True):
+    table, counts, genes = _counts_table()
+    smiles = sciplex3_compounds().set_index("name")["smiles"]
+    control = (table["drug"] == "control").to_numpy()
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(table["line"].to_numpy()),
+            "dose": table["dose"].to_numpy(dtype=np.float64),
+            "condition": pd.Categorical(table["drug"].to_numpy()),
+            "product_name": pd.Categorical(
+                np.where(control, "Vehicle", table["drug"].map(PRODUCT_NAMES).fillna(""))
+            ),
+            "control": control.astype(np.int64),
+            "SMILES": np.where(control, "CS(C)=O", table["drug"].map(smiles).fillna("")),
+            "dose_val": np.where(control, 1.0, table["dose"] / 1e4),
+            "cov_drug_dose_name": (
+                table["line"] + "_" + table["drug"] + "_" + (table["dose"] / 1e4).astype(str)
+            ).to_numpy(),
+            "split_ood_multi_task": pd.Categorical(["train"] * len(table)),
+            "pathway_level_1": pd.Categorical(["Epigenetics"] * len(table)),
+        },
+        index=[f"cell{i}" for i in range(len(table))],
+    )
+    adata = AnnData(X=_lognorm(counts), obs=obs, var=pd.DataFrame(index=genes))
+    if with_counts:
+        adata.layers["counts"] = counts
+    adata.uns["all_DEGs"] = {"A549_Givinostat_1.0": np.array(genes[:5])}
+    adata.write_h5ad(path)
+    return adata
+
+
+def write_pertpy(path, extra_name=None):
+    table, counts, genes = _counts_table()
+    names = table["drug"].map(PRODUCT_NAMES).fillna("control")
+    if extra_name is not None:
+        names = names.where(table["drug"] != "AC480", extra_name)
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical(names.to_numpy()),
+            "cell_line": pd.Categorical(table["line"].to_numpy()),
+            "dose_value": table["dose"].to_numpy(dtype=np.float64),
+            "dose_unit": pd.Categorical(
+                np.where(names == "control", None, "nM").astype(object), categories=["nM"]
+            ),
+            "ncounts": np.asarray(counts.sum(1)).ravel(),
+            "target": pd.Categorical(["HDAC"] * len(table)),
+            "pathway": pd.Categorical(["Epigenetics"] * len(table)),
+        },
+        index=[f"cell{i}" for i in range(len(table))],
+    )
+    AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+
+
+def test_read_chemcpa_schema(tmp_path):
+    written = write_chemcpa(tmp_path / "sciplex_complete_middle_subset.h5ad")
+    adata = read_sciplex3(tmp_path / "sciplex_complete_middle_subset.h5ad")
+    info = adata.uns["sciplex3"]
+    assert info["schema"] == "chemcpa" and info["counts"] == "layers/counts"
+    assert len(info["unmatched"]) == 0
+    assert sp.issparse(adata.X) and sp.issparse(adata.layers["counts"])
+    obs = adata.obs
+    assert set(obs["cell_line"]) == set(LINES)
+    assert obs["control"].dtype == bool
+    assert obs["control"].sum() == 60
+    assert (obs.loc[obs["control"], "dose_nM"] == 0).all()
+    assert set(obs.loc[~obs["control"], "dose_nM"]) == set(DOSES)
+    giv = obs[obs["condition"] == "Givinostat"]
+    table = sciplex3_compounds().set_index("name")
+    assert (giv["smiles"] == table.loc["Givinostat", "smiles"]).all()
+    assert (giv["pathway"] == table.loc["Givinostat", "pathway"]).all()
+    assert (obs.loc[obs["control"], "smiles"] == "").all()
+    # the file's own columns and uns are kept
+    assert "cov_drug_dose_name" in obs and "all_DEGs" in adata.uns
+    assert np.array_equal(adata.obs_names, written.obs_names)
+
+
+def test_chemcpa_without_counts_says_normal(tmp_path):
+    write_chemcpa(tmp_path / "lognorm_only.h5ad", with_counts=False)
+    with pytest.warns(UserWarning, match="gene_likelihood='normal'"):
+        adata = read_sciplex3(tmp_path / "lognorm_only.h5ad")
+    assert adata.uns["sciplex3"]["counts"] == "None"
+
+
+def test_read_pertpy_schema_and_unmatched(tmp_path):
+    write_pertpy(tmp_path / "srivatsan_2020_sciplex3.h5ad", extra_name="Mystery-123 (XYZ)")
+    with pytest.warns(UserWarning, match="Mystery-123"):
+        adata = read_sciplex3(tmp_path / "srivatsan_2020_sciplex3.h5ad")
+    info = adata.uns["sciplex3"]
+    assert info["schema"] == "pertpy" and info["counts"] == "X"
+    assert list(info["unmatched"]) == ["Mystery-123 (XYZ)"]
+    names = set(adata.obs["condition"].astype(str))
+    assert {"Givinostat", "Quisinostat", "Alvespimycin", "Flavopiridol", "control"} <= names
+    assert "Mystery-123 (XYZ)" in names  # kept as it is
+    assert (adata.obs.loc[adata.obs["condition"] == "Mystery-123 (XYZ)", "smiles"] == "").all()
+    assert (adata.obs.loc[~adata.obs["control"], "dose_nM"] > 0).all()
+
+
+def test_backed_read_keeps_x_on_disk(tmp_path):
+    write_pertpy(tmp_path / "p.h5ad")
+    adata = read_sciplex3(tmp_path / "p.h5ad", backed=True)
+    assert adata.isbacked
+    assert adata.uns["sciplex3"]["counts"] == "X"
+
+
+def test_unknown_file_schema(tmp_path):
+    AnnData(X=np.ones((3, 2)), obs=pd.DataFrame({"foo": [1, 2, 3]}, index=list("abc"))).write_h5ad(
+        tmp_path / "x.h5ad"
+    )
+    with pytest.raises(ValueError, match="Not a known sci-Plex 3 file"):
+        read_sciplex3(tmp_path / "x.h5ad")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("givinostat", "Givinostat"),
+        ("GIVINOSTAT HCl", "Givinostat"),
+        ("Givinostat (ITF2357)", "Givinostat"),
+        ("ITF2357 (Givinostat)", "Givinostat"),  # only the alias matches
+        ("Quisinostat (JNJ-26481585) 2HCl", "Quisinostat"),
+        ("TAK901", "TAK-901"),
+        ("Alvespimycin (17-DMAG) hydrochloride", "Alvespimycin"),
+        ("Glesatinib (MGCD265)", "Glesatinib?(MGCD265)"),
+        ("Aurora A Inhibitor I", "Aurora"),
+    ],
+)
+def test_name_matching(name, expected):
+    matched, unmatched = match_compounds([name])
+    assert matched == {name: expected} and unmatched == []
+
+
+def test_name_matching_reports_unmatched():
+    matched, unmatched = match_compounds(["Unobtainium", "control", "Belinostat"])
+    assert matched == {"Belinostat": "Belinostat"}
+    assert unmatched == ["Unobtainium", "control"]
+
+
+def test_featurize_shapes_determinism_controls(tmp_path):
+    write_chemcpa(tmp_path / "c.h5ad")
+    adata = read_sciplex3(tmp_path / "c.h5ad")
+    featurize_smiles(adata, method="both", n_bits=256, control_key="control")
+    feats = adata.obsm["drug_features"]
+    params = adata.uns["drug_features"]
+    assert feats.shape == (adata.n_obs, params["n_features"]) and params["n_features"] > 256
+    assert np.all(feats[adata.obs["control"].to_numpy()] == 0)
+    assert np.all(np.any(feats[~adata.obs["control"].to_numpy()] != 0, axis=1))
+    again = adata.copy()
+    featurize_smiles(again, method="both", n_bits=256, control_key="control")
+    assert np.array_equal(again.obsm["drug_features"], feats)
+    # a brand-new SMILES at prediction time is featurised identically
+    row = np.flatnonzero((adata.obs["condition"] == "Belinostat").to_numpy())[0]
+    new = smiles_to_features([adata.obs["smiles"].iloc[row]], params=params)
+    assert np.allclose(new[0], feats[row])
+    morgan = smiles_to_features(["CCO", "c1ccccc1"], method="morgan", n_bits=128)
+    assert morgan.shape == (2, 128) and set(np.unique(morgan)) <= {0.0, 1.0}
+
+
+def test_invalid_smiles_listed():
+    adata = AnnData(
+        X=np.ones((3, 2)),
+        obs=pd.DataFrame({"smiles": ["CCO", "not_a_smiles", "C1CC"]}, index=list("abc")),
+    )
+    with pytest.raises(ValueError, match=r"not_a_smiles.*C1CC|C1CC.*not_a_smiles"):
+        featurize_smiles(adata)
+
+
+def test_ood_split_holds_out_exactly_the_nine(tmp_path):
+    write_pertpy(tmp_path / "p.h5ad")
+    adata = read_sciplex3(tmp_path / "p.h5ad")
+    sciplex3_ood_split(adata, n_validation_drugs=1, seed=0)
+    split = adata.obs["split_ood"].astype(str)
+    ood = set(adata.obs.loc[split == "ood", "condition"].astype(str))
+    assert ood == set(SCIPLEX3_OOD_DRUGS)
+    held = adata.obs[split == "ood"]
+    assert held.groupby("condition", observed=True)["dose_nM"].nunique().eq(4).all()
+    assert held.groupby("condition", observed=True)["cell_line"].nunique().eq(3).all()
+    assert (split[adata.obs["control"].to_numpy()] == "train").all()
+    assert adata.obs.loc[split == "valid", "condition"].nunique() == 1
+
+
+def test_end_to_end_from_file(tmp_path):
+    scvi.settings.seed = 0
+    write_pertpy(tmp_path / "p.h5ad")
+    adata = read_sciplex3(tmp_path / "p.h5ad")
+    featurize_smiles(adata, method="morgan", n_bits=128, control_key="control")
+    sciplex3_ood_split(adata)
+    gim_scvi.GIM.setup_anndata(
+        adata,
+        features_key="drug_features",
+        control_key="control",
+        dose_key="dose_nM",
+        perturbation_key="condition",
+        cell_line_key="cell_line",
+    )
+    model = gim_scvi.GIM(adata, n_programs=4)
+    model.train(max_epochs=2, split_key="split_ood", batch_size=64, enable_progress_bar=False)
+    assert set(adata.obs["split_ood"].iloc[model.train_indices].astype(str)) == {"train"}
+    res = gim_scvi.tl.evaluate(
+        model, adata, split_key="split_ood", heldout="ood", n_cells=10, n_degs=5, n_pcs=5
+    )
+    assert set(res["condition"]) == set(SCIPLEX3_OOD_DRUGS)
+    # a brand-new compound from its SMILES
+    new = smiles_to_features(["CC(=O)Nc1ccc(O)cc1"], params=adata.uns["drug_features"])
+    pred = model.predict(features=new, doses=1000.0, conditions=["paracetamol"], n_cells=5)
+    assert pred.n_obs == 15
+
+
+def test_synthetic_sciplex_small():
+    adata = gim_scvi.data.synthetic_sciplex(
+        cells_per_condition=1, control_cells_per_line=20, n_genes=50, n_validation_drugs=3
+    )
+    assert adata.n_obs == 187 * 4 * 3 + 60
+    assert set(adata.obs["cell_line"]) == set(LINES)
+    split = adata.obs["split_ood"].astype(str)
+    assert set(adata.obs.loc[split == "ood", "condition"]) == set(SCIPLEX3_OOD_DRUGS)
+    truth = adata.uns["ground_truth"]
+    assert truth["targets"].shape[0] == 187
+    assert (truth["drugs"].loc[list(SCIPLEX3_OOD_DRUGS), "split"] == "ood").all()
+    smiles = adata.obs.loc[~adata.obs["control"], "smiles"]
+    assert (smiles != "").all()
+    roundtrip = adata.copy()
+    roundtrip.uns.pop("ground_truth")
+    assert read_h5ad  # the file path is exercised in the reading tests
