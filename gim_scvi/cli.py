@@ -137,6 +137,69 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import scvi
+
+    import gim_scvi
+
+    scvi.settings.seed = args.seed
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adata = gim_scvi.data.read_sciplex3(args.data)
+    info = adata.uns["sciplex3"]
+    print(
+        f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes, schema {info['schema']}, "
+        f"counts in {info['counts']}, {len(info['unmatched'])} unmatched compound name(s); "
+        f"read in {time.perf_counter() - t0:.1f} s"
+    )
+    counts = str(info["counts"])
+    layer = counts.split("/", 1)[1] if counts.startswith("layers/") else None
+    likelihood = "normal" if counts == "None" else "nb"
+    t0 = time.perf_counter()
+    gim_scvi.pp.featurize_smiles(
+        adata, "smiles", method=args.features, n_bits=args.n_bits, control_key="control"
+    )
+    if "split_ood" not in adata.obs or args.resplit:
+        gim_scvi.data.sciplex3_ood_split(adata, n_validation_drugs=args.n_validation_drugs)
+    print(
+        f"features: {adata.obsm['drug_features'].shape[1]} ({args.features}) in "
+        f"{time.perf_counter() - t0:.1f} s; split: "
+        + ", ".join(f"{k} {v}" for k, v in adata.obs["split_ood"].value_counts().items())
+    )
+    gim_scvi.GIM.setup_anndata(
+        adata,
+        features_key="drug_features",
+        control_key="control",
+        dose_key="dose_nM",
+        perturbation_key="condition",
+        cell_line_key="cell_line",
+        layer=layer,
+    )
+    model = gim_scvi.GIM(adata, n_programs=args.n_programs, gene_likelihood=likelihood)
+    t0 = time.perf_counter()
+    has_valid = bool((adata.obs["split_ood"] == "valid").any())
+    model.train(
+        max_epochs=args.epochs,
+        split_key="split_ood",
+        validation_split="valid" if has_valid else None,
+        enable_progress_bar=not args.quiet,
+    )
+    print(f"training: {time.perf_counter() - t0:.1f} s")
+    results = gim_scvi.tl.evaluate(model, adata, split_key="split_ood", heldout="ood")
+    summary = gim_scvi.tl.summarize(results)
+    print("\nheld-out (OOD) drugs:")
+    _print_summary(summary)
+    if "ground_truth" in adata.uns:
+        recovery = gim_scvi.tl.ground_truth_recovery(model, adata)
+        print("recovery: " + ", ".join(f"{k} {v:.3f}" for k, v in recovery.items()))
+    results.to_csv(out / "heldout_metrics.csv", index=False)
+    summary.to_csv(out / "heldout_summary.csv", index=False)
+    model.save(str(out / "model"), overwrite=True)
+    print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv, model/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``gim-scvi`` command."""
     parser = argparse.ArgumentParser(
@@ -153,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--small", action="store_true", help="a tiny data set (for smoke tests)")
     demo.set_defaults(func=_demo)
+    tr = sub.add_parser(
+        "train", help="read a sci-Plex 3 file, featurise, train, score the OOD drugs"
+    )
+    tr.add_argument("--data", required=True, help="h5ad (chemCPA, pertpy or canonical schema)")
+    tr.add_argument("--epochs", type=int, default=None, help="default: scaled to the data")
+    tr.add_argument("--n-programs", type=int, default=16)
+    tr.add_argument("--features", choices=["morgan", "descriptors", "both"], default="morgan")
+    tr.add_argument("--n-bits", type=int, default=1024, help="Morgan fingerprint length")
+    tr.add_argument("--n-validation-drugs", type=int, default=10)
+    tr.add_argument("--resplit", action="store_true", help="recompute an existing split_ood")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", default="gim_train_output", help="output folder")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_train)
     ev = sub.add_parser("evaluate", help="score a saved model on held-out conditions of a file")
     ev.add_argument("--model", required=True, help="folder written by GIM.save")
     ev.add_argument("--data", required=True, help="h5ad file set up like the training data")

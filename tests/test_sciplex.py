@@ -283,3 +283,44 @@ def test_synthetic_sciplex_small():
     roundtrip = adata.copy()
     roundtrip.uns.pop("ground_truth")
     assert read_h5ad  # the file path is exercised in the reading tests
+
+
+def test_train_command_on_a_file(tmp_path, capsys):
+    from gim_scvi.cli import main
+
+    write_chemcpa(tmp_path / "chemcpa.h5ad")
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "chemcpa.h5ad"),
+            "--epochs",
+            "2",
+            "--n-programs",
+            "3",
+            "--n-bits",
+            "64",
+            "--n-validation-drugs",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "schema chemcpa" in printed and "held-out (OOD) drugs" in printed
+    table = pd.read_csv(tmp_path / "out" / "heldout_metrics.csv")
+    assert set(table["condition"]) == set(SCIPLEX3_OOD_DRUGS)
+
+
+def test_canonical_schema_round_trip(tmp_path):
+    adata = gim_scvi.data.synthetic_sciplex(
+        cells_per_condition=1, control_cells_per_line=10, n_genes=30, n_validation_drugs=0
+    )
+    adata.uns.pop("ground_truth")
+    adata.write_h5ad(tmp_path / "syn.h5ad")
+    back = read_sciplex3(tmp_path / "syn.h5ad")
+    assert back.uns["sciplex3"]["schema"] == "canonical"
+    assert back.uns["sciplex3"]["counts"] == "X"
+    assert (back.obs["condition"].astype(str) == adata.obs["condition"].astype(str)).all()

@@ -39,7 +39,13 @@ _COUNT_LAYERS = ("counts", "raw_counts", "X_counts", "count")
 
 
 def detect_sciplex3_schema(obs: pd.DataFrame) -> str:
-    """``"chemcpa"`` or ``"pertpy"`` from the obs columns; an error naming what is missing."""
+    """``"canonical"``, ``"chemcpa"`` or ``"pertpy"`` from the obs columns.
+
+    ``"canonical"`` is the schema :func:`read_sciplex3` writes (e.g. a saved
+    :func:`synthetic_sciplex`); unknown layouts raise an error naming the expected columns.
+    """
+    if {"condition", "cell_line", "dose_nM", "control", "smiles"} <= set(obs.columns):
+        return "canonical"
     if {"perturbation", "cell_line", "dose_value", "dose_unit"} <= set(obs.columns):
         return "pertpy"
     if {"condition", "cell_type", "dose"} <= set(obs.columns):
@@ -71,6 +77,21 @@ def _canonical_from_chemcpa(obs: pd.DataFrame) -> pd.DataFrame:
             "control": control,
             "smiles_file": obs[smiles_col].astype(str).to_numpy() if smiles_col else "",
             "pathway_file": obs[pathway_col].astype(str).to_numpy() if pathway_col else "",
+        },
+        index=obs.index,
+    )
+
+
+def _canonical_from_canonical(obs: pd.DataFrame) -> pd.DataFrame:
+    control = obs["control"].to_numpy().astype(bool) | _is_control(obs["condition"])
+    return pd.DataFrame(
+        {
+            "name": obs["condition"].astype(str).to_numpy(),
+            "cell_line": obs["cell_line"].astype(str).to_numpy(),
+            "dose_nM": pd.to_numeric(obs["dose_nM"], errors="coerce").to_numpy(dtype=float),
+            "control": control,
+            "smiles_file": obs["smiles"].astype(str).to_numpy(),
+            "pathway_file": obs["pathway"].astype(str).to_numpy() if "pathway" in obs else "",
         },
         index=obs.index,
     )
@@ -154,7 +175,12 @@ def read_sciplex3(path: str | Path, backed: bool = False) -> AnnData:
     """
     adata = read_h5ad(path, backed="r" if backed else None)
     schema = detect_sciplex3_schema(adata.obs)
-    canon = (_canonical_from_chemcpa if schema == "chemcpa" else _canonical_from_pertpy)(adata.obs)
+    readers = {
+        "canonical": _canonical_from_canonical,
+        "chemcpa": _canonical_from_chemcpa,
+        "pertpy": _canonical_from_pertpy,
+    }
+    canon = readers[schema](adata.obs)
     table = sciplex3_compounds().set_index("name")
     treated_names = canon.loc[~canon["control"], "name"].unique()
     matched, unmatched = match_compounds(treated_names)
