@@ -104,7 +104,10 @@ class ProgramDecoder(nn.Module):
             out = z @ self.loadings.T
         else:
             out = self.out(self.hidden(z))
-        return out + self.line_bias[cell_line.view(-1)] + self.batch_bias[batch.view(-1)]
+        # one-hot products rather than indexing: deterministic gradients on CPU
+        line = F.one_hot(cell_line.view(-1), self.line_bias.shape[0]).to(out.dtype)
+        batch_ = F.one_hot(batch.view(-1), self.batch_bias.shape[0]).to(out.dtype)
+        return out + line @ self.line_bias + batch_ @ self.batch_bias
 
     def forward(
         self,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -247,12 +246,10 @@ class GIMModule(BaseModuleClass):
         Returns the per-cell shift, log-scale change and target KL (zero for controls).
         """
         n_cells = features.shape[0]
-        shift = features.new_zeros(n_cells, self.n_programs)
-        log_scale = None
-        target_kl = features.new_zeros(n_cells)
         idx = torch.nonzero(treated, as_tuple=True)[0]
         if idx.numel() == 0:
-            return shift, log_scale, target_kl
+            zeros = features.new_zeros(n_cells, self.n_programs)
+            return zeros, None, features.new_zeros(n_cells)
         key_parts = [features[idx], cell_line[idx].to(features.dtype)]
         if dose is not None:
             key_parts.append(dose[idx])
@@ -262,13 +259,18 @@ class GIMModule(BaseModuleClass):
         ctx_line = contexts[:, n_feat : n_feat + 1].long()
         mode = "relaxed" if self.training else "mean"
         out = self.intervention(contexts[:, :n_feat], ctx_dose, ctx_line, mode=mode)
-        shift[idx] = out["shift"][inverse]
-        if out["log_scale"] is not None:
-            log_scale = features.new_zeros(n_cells, self.n_programs)
-            log_scale[idx] = out["log_scale"][inverse]
         kl = bernoulli_kl(out["target_logits"], self.target_prior).sum(-1)
         kl = kl + self.shift_l1 * out["shift"].abs().sum(-1)
-        target_kl[idx] = kl[inverse]
+        # controls point at an extra all-zero context; rows are gathered by a one-hot matmul,
+        # whose gradient is deterministic (indexed assignment accumulates in parallel on CPU)
+        n_ctx = contexts.shape[0]
+        cell_context = torch.full((n_cells,), n_ctx, dtype=torch.long, device=features.device)
+        cell_context[idx] = inverse
+        shift = gather_rows(_with_zero_row(out["shift"]), cell_context)
+        log_scale = None
+        if out["log_scale"] is not None:
+            log_scale = gather_rows(_with_zero_row(out["log_scale"]), cell_context)
+        target_kl = gather_rows(_with_zero_row(kl[:, None]), cell_context)[:, 0]
         return shift, log_scale, target_kl
 
     # ------------------------------------------------------------------ scvi-tools interface
@@ -352,7 +354,7 @@ class GIMModule(BaseModuleClass):
 
     def exogenous_prior(self, cell_line: torch.Tensor, log_scale: torch.Tensor | None) -> Normal:
         """``p(u | c, I) = N(mu_c, diag sigma_u^2)`` (scale changed where intervened)."""
-        loc = self.basal_mean(cell_line.view(-1))
+        loc = gather_rows(self.basal_mean.weight, cell_line.view(-1))
         log_sd = self.log_exogenous_scale.expand_as(loc)
         if log_scale is not None:
             log_sd = log_sd + log_scale
@@ -441,7 +443,7 @@ class GIMModule(BaseModuleClass):
         """
         u = self.scm.abduct(z_control)
         if log_scale is not None:
-            mu = self.basal_mean(cell_line.view(-1))
+            mu = gather_rows(self.basal_mean.weight, cell_line.view(-1))
             u = mu + (u - mu) * torch.exp(log_scale)
         return self.scm.solve(u, shift)
 
@@ -455,7 +457,11 @@ class GIMModule(BaseModuleClass):
         return prior.loc + prior.scale * noise
 
 
-def unique_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique rows of a 2-D array and the inverse index (numpy twin of the module's contexts)."""
-    uniq, inverse = np.unique(array, axis=0, return_inverse=True)
-    return uniq, inverse.reshape(-1)
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` as a one-hot matrix product (deterministic gradient on CPU)."""
+    one_hot = torch.nn.functional.one_hot(index.view(-1), num_classes=values.shape[0])
+    return one_hot.to(values.dtype) @ values
+
+
+def _with_zero_row(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values, values.new_zeros(1, values.shape[1])])

@@ -10,6 +10,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from gim_scvi.module._module import gather_rows
+
 
 def _versions() -> dict[str, str]:
     out = {}
@@ -140,7 +142,7 @@ def _per_cell(model, adata, batch_size, layers):
         )
         u = module.scm.abduct(z, shift)
         if log_scale is not None:
-            mu = module.basal_mean(gen_in["cell_line"].view(-1))
+            mu = gather_rows(module.basal_mean.weight, gen_in["cell_line"].view(-1))
             u = mu + (u - mu) * torch.exp(-log_scale)
         z_basal = module.scm.solve(u)
         lib, line, batch = gen_in["library"], gen_in["cell_line"], gen_in["batch_index"]
