@@ -297,6 +297,21 @@ def test_annotate_is_deterministic_and_records_versions(trained):
     assert a1.uns["gim"]["params"]["init"]["graph"] == "dag"
 
 
+def test_same_seed_same_weights_on_larger_batches():
+    # large enough minibatches that CPU kernels run multi-threaded
+    adata = setup(make_small(n_drugs=6, cells_per_condition=60, n_genes=300, n_features=16))
+
+    def fit():
+        scvi.settings.seed = 3
+        model = gim_scvi.GIM(adata, n_programs=6)
+        model.train(max_epochs=1, batch_size=512, enable_progress_bar=False)
+        return model.module.state_dict()
+
+    a, b = fit(), fit()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
 # ---------------------------------------------------------------------------- properties
 finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False)
 
