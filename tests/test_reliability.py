@@ -227,8 +227,11 @@ def test_keyboard_interrupt_leaves_a_usable_model(small_adata, tmp_path):
     assert np.isfinite(pred.layers["expected"]).all()
 
 
-def test_resume_from_checkpoint(small_adata, tmp_path):
+def test_resume_from_checkpoint(small_adata, tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # scvi-tools writes its own checkpoints under settings.logging_dir
+    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
 
     scvi.settings.seed = 0
     model = gim_scvi.GIM(small_adata, n_programs=3)
