@@ -184,11 +184,19 @@ def test_unknown_file_schema(tmp_path):
         ("Alvespimycin (17-DMAG) hydrochloride", "Alvespimycin"),
         ("Glesatinib (MGCD265)", "Glesatinib?(MGCD265)"),
         ("Aurora A Inhibitor I", "Aurora"),
+        ("Sodium Phenylbutyrate", "Sodium"),
+        ("Sodium", "Sodium"),
     ],
 )
 def test_name_matching(name, expected):
     matched, unmatched = match_compounds([name])
     assert matched == {name: expected} and unmatched == []
+
+
+def test_every_table_name_matches_itself():
+    names = sciplex3_compounds()["name"]
+    matched, unmatched = match_compounds(names)
+    assert unmatched == [] and all(matched[n] == n for n in names)
 
 
 def test_name_matching_reports_unmatched():

@@ -49,7 +49,10 @@ _SALTS = (
 )
 _BRACKETS = re.compile(r"[\(\[]([^\)\]]*)[\)\]]")
 # names in the shipped table that differ from the vendor's product name beyond salts/aliases
-_ALIASES = {"auroraainhibitori": "Aurora"}
+_ALIASES = {
+    "auroraainhibitori": "Aurora",  # Aurora A Inhibitor I
+    "phenylbutyrate": "Sodium",  # Sodium Phenylbutyrate
+}
 
 
 @cache
@@ -68,13 +71,15 @@ def normalize_name(name: str) -> str:
 
 
 def _strip_salts(text: str) -> str:
+    plain = re.sub(r"[^a-z0-9]", "", text)
     words = re.split(r"[\s,;/]+", text.strip())
     while words and words[-1] in _SALTS:
         words.pop()
     joined = " ".join(words)
     for salt in _SALTS:
         joined = re.sub(rf"\b{re.escape(salt)}\b", " ", joined)
-    return re.sub(r"[^a-z0-9]", "", joined)
+    stripped = re.sub(r"[^a-z0-9]", "", joined)
+    return stripped or plain  # a name that is only a salt word ("Sodium") stays itself
 
 
 def _candidates(name: str) -> list[str]:
