@@ -574,7 +574,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         conditions: Sequence[str] | None = None,
         adata: AnnData | None = None,
         n_cells: int | None = 200,
-        mode: Literal["map", "mean", "sample"] = "map",
+        mode: Literal["map", "mean", "sample"] = "mean",
         sample_counts: bool = True,
         seed: int = 0,
         batch_size: int = 1024,
@@ -608,8 +608,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             Control cells drawn per condition and line (with replacement if the line has fewer);
             ``None`` uses every control cell once.
         mode
-            ``"map"`` (targets where ``p > 0.5``), ``"mean"`` (targets weighted by ``p``) or
-            ``"sample"`` (one draw of the targets per predicted cell: predictive uncertainty).
+            ``"mean"`` (the expected intervention: targets weighted by their probability ``p``;
+            the default, the best point prediction in our measurements), ``"map"`` (only
+            targets with ``p > 0.5``; an unseen perturbation whose targets are all uncertain
+            then has no effect at all) or ``"sample"`` (one draw of the targets per predicted
+            cell: predictive uncertainty).
         sample_counts
             Put counts drawn from the likelihood in ``.X`` (realistic cells, the default);
             otherwise ``.X`` holds the expected values. Expected values are always in

@@ -235,7 +235,7 @@ def predicted_vs_observed(
     cell_line: str | None = None,
     n_degs: int = 50,
     n_cells: int = 200,
-    mode: str = "map",
+    mode: str = "mean",
     seed: int = 0,
     ax=None,
     show: bool | None = None,

@@ -94,7 +94,7 @@ def evaluate(
     n_degs: int = 50,
     n_pcs: int = 50,
     energy_cells: int = 200,
-    mode: str = "map",
+    mode: str = "mean",
     seed: int = 0,
     key_added: str | None = None,
 ) -> pd.DataFrame:
@@ -370,7 +370,7 @@ def condition_deltas(
     cell_line: str | None = None,
     n_degs: int = 50,
     n_cells: int = 200,
-    mode: str = "map",
+    mode: str = "mean",
     seed: int = 0,
 ) -> dict:
     """Observed and predicted mean log1p-normalised profiles of one condition on its DEGs.
