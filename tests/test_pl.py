@@ -82,3 +82,38 @@ def test_programs_plot(trained, tmp_path, monkeypatch):
     assert (tmp_path / "p.png").exists()
     with pytest.raises(ValueError, match="Unknown program"):
         gim_scvi.pl.programs(model, programs=["program_99"], show=False)
+
+
+def test_annotated_adata_works_with_plain_scanpy(trained):
+    import scanpy as sc
+
+    model, _ = trained
+    adata = gim_scvi.data.synthetic(
+        n_drugs=8,
+        n_heldout_drugs=2,
+        n_validation_drugs=1,
+        n_cell_lines=2,
+        doses=(10.0, 1000.0),
+        cells_per_condition=6,
+        control_cells_per_line=40,
+        n_genes=60,
+        n_programs=3,
+        n_features=8,
+    )
+    gim_scvi.GIM.setup_anndata(
+        adata,
+        features_key="drug_features",
+        control_key="control",
+        dose_key="dose",
+        perturbation_key="condition",
+        cell_line_key="cell_line",
+    )
+    gim_scvi.tl.annotate(model, adata)
+    sc.pp.neighbors(adata, use_rep="X_gim", n_neighbors=10)
+    sc.tl.umap(adata, random_state=0)
+    ax = sc.pl.umap(adata, color="cell_line", show=False)
+    assert adata.obsm["X_umap"].shape == (adata.n_obs, 2)
+    assert isinstance(ax, matplotlib.axes.Axes)
+    tad = model.targets_to_adata()
+    axes = sc.pl.matrixplot(tad, var_names=list(tad.var_names), groupby="condition", show=False)
+    assert "mainplot_ax" in axes
