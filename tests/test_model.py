@@ -306,3 +306,20 @@ def test_constant_training_features_are_not_blown_up(small_adata):
     new = np.ones((1, 8), np.float32)
     pred = model.predict(features=new, doses=10.0, n_cells=3)
     assert np.isfinite(pred.layers["expected"]).all()
+
+
+def test_generator_weight_decay_and_lr_schedule(small_adata):
+    model = gim_scvi.GIM(small_adata, n_programs=3)
+    model.train(
+        max_epochs=2,
+        batch_size=64,
+        enable_progress_bar=False,
+        split_key="split",
+        validation_split="valid",
+        plan_kwargs={"generator_weight_decay": 0.05, "reduce_lr_on_plateau": True},
+    )
+    plan = gim_scvi.model.GIMTrainingPlan(model.module, generator_weight_decay=0.05)
+    groups = plan.configure_optimizers()["optimizer"].param_groups
+    assert [g["weight_decay"] for g in groups] == [plan.weight_decay, 0.05]
+    n_generator = sum(1 for _ in model.module.generator.parameters())
+    assert len(groups[1]["params"]) == n_generator

@@ -93,4 +93,15 @@ class GIMTrainingPlan(TrainingPlan):
             lr=self.lr,
             eps=self.eps,
         )
-        return {"optimizer": optimizer}
+        config = {"optimizer": optimizer}
+        if self.reduce_lr_on_plateau:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                patience=self.lr_patience,
+                factor=self.lr_factor,
+                threshold=self.lr_threshold,
+                min_lr=self.lr_min,
+                threshold_mode="abs",
+            )
+            config["lr_scheduler"] = {"scheduler": scheduler, "monitor": self.lr_scheduler_metric}
+        return config
