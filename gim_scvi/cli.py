@@ -86,8 +86,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {drug}: " + ", ".join(f"{p} {v:.2f}" for p, v in top.items()))
 
     gim_scvi.tl.annotate(model, adata, key_added="gim")
-    results.to_csv(out / "heldout_metrics.csv", index=False)
-    summary.to_csv(out / "heldout_summary.csv", index=False)
+    _write_tables(out, results, summary)
     adata.write_h5ad(out / "demo_annotated.h5ad")
     model.save(str(out / "model"), overwrite=True)
     print(f"\nwrote {out}/heldout_metrics.csv, heldout_summary.csv, demo_annotated.h5ad, model/")
@@ -115,6 +114,12 @@ def _print_summary(summary: pd.DataFrame) -> None:
     )
 
 
+def _write_tables(out: Path, results: pd.DataFrame, summary: pd.DataFrame) -> None:
+    """Per-condition metrics and their summary as CSV files in ``out``."""
+    results.to_csv(out / "heldout_metrics.csv", index=False)
+    summary.to_csv(out / "heldout_summary.csv", index=False)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import anndata as ad
 
@@ -131,8 +136,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _print_summary(summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / "heldout_metrics.csv", index=False)
-    summary.to_csv(out / "heldout_summary.csv", index=False)
+    _write_tables(out, results, summary)
     print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv")
     return 0
 
@@ -193,8 +197,7 @@ def _train(args: argparse.Namespace) -> int:
     if "ground_truth" in adata.uns:
         recovery = gim_scvi.tl.ground_truth_recovery(model, adata)
         print("recovery: " + ", ".join(f"{k} {v:.3f}" for k, v in recovery.items()))
-    results.to_csv(out / "heldout_metrics.csv", index=False)
-    summary.to_csv(out / "heldout_summary.csv", index=False)
+    _write_tables(out, results, summary)
     model.save(str(out / "model"), overwrite=True)
     print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv, model/")
     return 0

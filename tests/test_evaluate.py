@@ -95,7 +95,8 @@ def test_evaluate_schema_and_uns(evaluated):
 
 
 def test_baselines_never_see_heldout_cells(trained):
-    from gim_scvi.tl._evaluate import _context_key, _training_profiles, group_means, lognorm
+    from gim_scvi._utils import context_labels
+    from gim_scvi.tl._evaluate import _training_profiles, group_means, lognorm
 
     model, adata = trained
 
@@ -103,13 +104,13 @@ def test_baselines_never_see_heldout_cells(trained):
         lines = data.obs["cell_line"].astype(str).to_numpy()
         control = data.obs["control"].to_numpy()
         names = data.obs["condition"].astype(str).to_numpy()
-        context = _context_key(names, data.obs["dose"], lines)
+        context = context_labels(names, data.obs["dose"], lines)
         labels, means = group_means(
             lognorm(data.X), np.where(control, "control | " + lines, context)
         )
         train = (data.obs["split"] == "train").to_numpy() & ~control
         return _training_profiles(
-            model, data, train, context, dict(zip(labels, means, strict=True))
+            model._features(data), train, context, dict(zip(labels, means, strict=True))
         )
 
     tampered = adata.copy()
@@ -137,7 +138,8 @@ def test_evaluate_unknown_baseline(trained):
 
 
 def test_training_profiles_exclude_heldout():
-    from gim_scvi.tl._evaluate import _context_key, _training_profiles, group_means, lognorm
+    from gim_scvi._utils import context_labels
+    from gim_scvi.tl._evaluate import _training_profiles, group_means, lognorm
 
     adata = setup(make_small())
     model = gim_scvi.GIM(adata, n_programs=3)
@@ -145,13 +147,13 @@ def test_training_profiles_exclude_heldout():
     control = adata.obs["control"].to_numpy()
     train = (split == "train") & ~control
     names = adata.obs["condition"].astype(str).to_numpy()
-    context = _context_key(names, adata.obs["dose"], adata.obs["cell_line"].astype(str))
+    context = context_labels(names, adata.obs["dose"], adata.obs["cell_line"].astype(str))
     labels, means = group_means(
         lognorm(adata.X),
         np.where(control, "control | " + adata.obs["cell_line"].astype(str).to_numpy(), context),
     )
     real = dict(zip(labels, means, strict=True))
-    profiles = _training_profiles(model, adata, train, context, real)
+    profiles = _training_profiles(model._features(adata), train, context, real)
     test_drugs = set(names[split == "test"])
     assert len(profiles.lines) == len(set(context[train]))
     seen = {tuple(f) for f in profiles.features}

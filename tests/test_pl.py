@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import gim_scvi
+from tests.conftest import make_small, setup
 
 
 @pytest.fixture(autouse=True)
@@ -88,26 +89,7 @@ def test_annotated_adata_works_with_plain_scanpy(trained):
     import scanpy as sc
 
     model, _ = trained
-    adata = gim_scvi.data.synthetic(
-        n_drugs=8,
-        n_heldout_drugs=2,
-        n_validation_drugs=1,
-        n_cell_lines=2,
-        doses=(10.0, 1000.0),
-        cells_per_condition=6,
-        control_cells_per_line=40,
-        n_genes=60,
-        n_programs=3,
-        n_features=8,
-    )
-    gim_scvi.GIM.setup_anndata(
-        adata,
-        features_key="drug_features",
-        control_key="control",
-        dose_key="dose",
-        perturbation_key="condition",
-        cell_line_key="cell_line",
-    )
+    adata = setup(make_small())
     gim_scvi.tl.annotate(model, adata)
     sc.pp.neighbors(adata, use_rep="X_gim", n_neighbors=10)
     sc.tl.umap(adata, random_state=0)

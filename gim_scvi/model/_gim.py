@@ -27,6 +27,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
+from gim_scvi._utils import context_labels
 from gim_scvi.model import _validation as check
 from gim_scvi.model._trainingplan import GIMTrainingPlan
 from gim_scvi.module import GIMModule
@@ -216,8 +217,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             features = features.toarray()
         return np.asarray(features, dtype=np.float32)
 
-    def _control_mask(self, adata: AnnData) -> np.ndarray:
-        control = _zero_rows(self._features(adata))
+    def _control_mask(self, adata: AnnData, features: np.ndarray | None = None) -> np.ndarray:
+        control = _zero_rows(self._features(adata) if features is None else features)
         if self._setup_arg("control_key") is not None:
             control |= check.control_flags(adata, self._setup_arg("control_key"))
         return control
@@ -412,7 +413,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         """Feature/dose standardisation and cells per context, from training cells only."""
         adata = self.adata[train_idx]
         features = self._features(adata)
-        treated = ~self._control_mask(adata)
+        treated = ~self._control_mask(adata, features)
         if not treated.any():
             raise ValueError("The training cells contain no perturbed cell; nothing to learn.")
         if treated.all():
@@ -639,11 +640,15 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         rng = np.random.default_rng(seed)
         device = self.module.device
         torch_gen = torch.Generator(device=device).manual_seed(seed)
+        cells = None
+        if adata is not None:  # each cell's line if it is a control (-1 otherwise), and batch
+            control_line = np.where(self._control_mask(adata), self._cell_line_codes(adata), -1)
+            cells = (control_line, self._batch_codes(adata))
         blocks = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for line in lines:
-                pool = self._control_pool(adata, line, n_cells, rng, torch_gen, batch_size)
+                pool = self._control_pool(adata, cells, line, n_cells, rng, torch_gen, batch_size)
                 for i in range(n_cond):
                     pick = _choose(len(pool["source"]), n_cells, rng)
                     block = self._predict_block(
@@ -667,6 +672,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     def _control_pool(
         self,
         adata: AnnData | None,
+        cells: tuple[np.ndarray, np.ndarray] | None,
         line: str,
         n_cells: int | None,
         rng: np.random.Generator,
@@ -675,13 +681,14 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     ) -> dict[str, np.ndarray]:
         """Basal programs, log library sizes, batches and names of the cells to perturb.
 
-        From the control cells of ``line`` in ``adata`` (encoded), or, without an AnnData,
-        drawn from the exogenous prior with library sizes from the training statistics.
+        From the control cells of ``line`` in ``adata`` (encoded; ``cells`` holds each cell's
+        line if it is a control, else -1, and its batch), or, without an AnnData, drawn from the
+        exogenous prior with library sizes from the training statistics.
         """
         code = self.cell_lines.index(line)
         if adata is not None:
-            control = self._control_mask(adata)
-            pool = np.flatnonzero(control & (self._cell_line_codes(adata) == code))
+            control_line, batch_codes = cells
+            pool = np.flatnonzero(control_line == code)
             if pool.size == 0:
                 raise ValueError(
                     f"No control cells of cell line {line!r} in the AnnData used for prediction; "
@@ -690,7 +697,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             return {
                 "z": self._encode(adata, pool, batch_size),
                 "library": self._library(adata, pool),
-                "batch": self._batch_codes(adata)[pool],
+                "batch": batch_codes[pool],
                 "source": np.asarray(adata.obs_names[pool], dtype=str),
             }
         n = n_cells if n_cells is not None else 200
@@ -828,9 +835,13 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
     # ------------------------------------------------------------------ what the model learned
     def _registered_conditions(self, adata: AnnData | None) -> pd.DataFrame:
-        """One row per perturbed (perturbation, dose, cell line) context in ``adata``."""
+        """One row per perturbed (perturbation, dose, cell line) context in ``adata``.
+
+        Column ``features`` holds each context's feature row (``row`` its first cell).
+        """
         adata = adata if adata is not None else self.adata
-        treated = ~self._control_mask(adata)
+        features = self._features(adata)
+        treated = ~self._control_mask(adata, features)
         frame = pd.DataFrame(
             {
                 "condition": self._perturbation_names(adata)[treated],
@@ -840,7 +851,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         )
         doses = self._doses(adata)
         frame["dose"] = doses[treated] if doses is not None else np.nan
-        return frame.drop_duplicates(["condition", "dose", "cell_line"]).reset_index(drop=True)
+        frame = frame.drop_duplicates(["condition", "dose", "cell_line"]).reset_index(drop=True)
+        frame["features"] = list(features[frame["row"].to_numpy()])
+        return frame
 
     @torch.inference_mode()
     def get_intervention_targets(
@@ -863,8 +876,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         """
         if features is None:
             frame = self._registered_conditions(adata).drop_duplicates(["condition", "cell_line"])
-            adata = adata if adata is not None else self.adata
-            feats = self._features(adata)[frame["row"].to_numpy()][:, None, :]
+            feats = np.stack(frame["features"].to_list())[:, None, :]
             codes = np.array([self.cell_lines.index(c) for c in frame["cell_line"]])
             index = pd.MultiIndex.from_arrays(
                 [frame["condition"], frame["cell_line"]], names=["condition", "cell_line"]
@@ -895,13 +907,15 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         ``total_effects`` (``a A^{-1}``, the change of every program).
         """
         frame = self._registered_conditions(adata)
-        adata = adata if adata is not None else self.adata
-        feats = self._features(adata)[frame["row"].to_numpy()][:, None, :]
+        feats = np.stack(frame["features"].to_list())[:, None, :]
         codes = np.array([self.cell_lines.index(c) for c in frame["cell_line"]])
         dose = frame["dose"].to_numpy(np.float32)[:, None] if self.module.has_dose else None
         out = self._intervention_tensors(feats, dose, codes, mode)
         total = self.module.scm.total_effects(out["shift"])
-        index = _context_labels(frame)
+        doses = frame["dose"] if self.module.has_dose else None
+        index = pd.Index(
+            context_labels(frame["condition"], doses, frame["cell_line"]), name="context"
+        )
         conditions = frame[["condition", "dose", "cell_line"]].set_index(index)
         return {
             "conditions": conditions,
@@ -1049,11 +1063,6 @@ def _prediction_obs(name, dose2d, i, line, source, mode) -> pd.DataFrame:
             "mode": mode,
         }
     )
-
-
-def _context_labels(frame: pd.DataFrame) -> pd.Index:
-    dose = frame["dose"].map(lambda d: "" if pd.isna(d) else f" | {d:g}")
-    return pd.Index(frame["condition"] + dose + " | " + frame["cell_line"], name="context")
 
 
 def _flatten_index(frame: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from gim_scvi._utils import context_labels
 from gim_scvi.module._module import gather_rows
 
 
@@ -155,7 +156,7 @@ def _per_cell(model, adata, batch_size, layers):
         stop = start + z.shape[0]
         treated = gen_in["treated"].cpu().numpy()
         sl = np.arange(start, stop)[treated]
-        keys = _context_labels(names[sl], None if doses is None else doses[sl], lines[sl])
+        keys = context_labels(names[sl], None if doses is None else doses[sl], lines[sl])
         p_mean = _profile(px, module).cpu().numpy()[treated]
         b_mean = _profile(px_basal, module).cpu().numpy()[treated]
         for key in np.unique(keys):
@@ -177,14 +178,6 @@ def _profile(px, module):
         px.scale
         if hasattr(px, "scale") and px.scale is not None
         else px.mean / px.mean.sum(-1, keepdim=True)
-    )
-
-
-def _context_labels(names, doses, lines) -> np.ndarray:
-    if doses is None:
-        return np.array([f"{n} | {ln}" for n, ln in zip(names, lines, strict=True)])
-    return np.array(
-        [f"{n} | {float(d):g} | {ln}" for n, d, ln in zip(names, doses, lines, strict=True)]
     )
 
 

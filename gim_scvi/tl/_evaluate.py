@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.decomposition import PCA
 
+from gim_scvi._utils import context_labels
 from gim_scvi.tl._baselines import BASELINES, TrainingProfiles
 from gim_scvi.tl._metrics import (
     energy_distance,
@@ -47,12 +48,6 @@ def group_means(x, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sums = indicator @ x
     sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
     return labels, sums / counts
-
-
-def _context_key(condition, dose, line) -> np.ndarray:
-    return np.array(
-        [f"{c} | {float(d):g} | {ln}" for c, d, ln in zip(condition, dose, line, strict=True)]
-    )
 
 
 def top_degs(
@@ -155,7 +150,8 @@ def evaluate(
     rng = np.random.default_rng(seed)
     layer = model.registry_["setup_args"]["layer"]
     x = adata.layers[layer] if layer is not None else adata.X
-    is_control = model._control_mask(adata)
+    features = model._features(adata)
+    is_control = model._control_mask(adata, features)
     split = adata.obs[split_key].astype(str).to_numpy()
     held = (split == heldout) & ~is_control
     train = (split == train_split) & ~is_control
@@ -165,7 +161,7 @@ def evaluate(
     doses = model._doses(adata)
     doses = doses if doses is not None else np.ones(adata.n_obs, np.float32)
     lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
-    context = _context_key(names, doses, lines)
+    context = context_labels(names, doses, lines)
     normal = model.module.gene_likelihood == "normal"
 
     idx = np.flatnonzero(is_control | held | train)
@@ -185,18 +181,15 @@ def evaluate(
         )
     pca = _fit_pca(expr, np.concatenate([local["train"], local["control"]]), n_pcs, rng)
 
-    fitted = [
-        BASELINES[name]().fit(_training_profiles(model, adata, train, context, real))
-        for name in baselines
-    ]
-    pred = _predict_heldout(model, adata, held, names, doses, lines, n_cells, mode, seed)
+    profiles = _training_profiles(features, train, context, real)
+    fitted = [BASELINES[name]().fit(profiles) for name in baselines]
+    pred = _predict_heldout(model, adata, features, held, names, doses, lines, n_cells, mode, seed)
     pred_dose = pred.obs["dose"].to_numpy() if model.module.has_dose else np.ones(pred.n_obs)
-    pred_ctx = _context_key(pred.obs["condition"], pred_dose, pred.obs["cell_line"])
+    pred_ctx = context_labels(pred.obs["condition"], pred_dose, pred.obs["cell_line"])
     pred_expr = pred.X if normal else lognorm(pred.X)
     p_labels, p_means = group_means(pred_expr, pred_ctx)
     predicted = dict(zip(p_labels, p_means, strict=True))
 
-    features = model._features(adata)
     rows = []
     counts = pd.Series(context[held]).value_counts()
     first_cell = pd.Series(np.flatnonzero(held)).groupby(context[held]).first()
@@ -254,7 +247,7 @@ def evaluate(
     return out
 
 
-def _training_profiles(model, adata, train, context, real) -> TrainingProfiles:
+def _training_profiles(features, train, context, real) -> TrainingProfiles:
     """Mean shift of every training condition from its line's controls."""
     if not train.any():
         raise ValueError("No perturbed training cell: the baselines have nothing to learn from.")
@@ -266,7 +259,7 @@ def _training_profiles(model, adata, train, context, real) -> TrainingProfiles:
         [real[k] - real[f"control | {ln}"] for k, ln in zip(keys, lines, strict=True)]
     )
     return TrainingProfiles(
-        features=model._features(adata)[first.to_numpy()],
+        features=features[first.to_numpy()],
         doses=np.array([float(p[1]) for p in parts]),
         lines=lines,
         deltas=deltas,
@@ -274,7 +267,9 @@ def _training_profiles(model, adata, train, context, real) -> TrainingProfiles:
     )
 
 
-def _predict_heldout(model, adata, held, names, doses, lines, n_cells, mode, seed) -> AnnData:
+def _predict_heldout(
+    model, adata, features, held, names, doses, lines, n_cells, mode, seed
+) -> AnnData:
     """One prediction call for every held-out (perturbation, dose) in its cell lines."""
     frame = pd.DataFrame({"condition": names[held], "dose": doses[held]})
     first = (
@@ -283,7 +278,7 @@ def _predict_heldout(model, adata, held, names, doses, lines, n_cells, mode, see
         .first()
     )
     return model.predict(
-        features=model._features(adata)[first.to_numpy()],
+        features=features[first.to_numpy()],
         doses=np.array([d for _, d in first.index], np.float32) if model.module.has_dose else None,
         cell_lines=sorted(set(lines[held])),
         conditions=[c for c, _ in first.index],
