@@ -78,6 +78,19 @@ class GIMTrainingPlan(TrainingPlan):
         self.loss_kwargs.update({"dag_weight": self.current_dag_weight()})
         return super().training_step(batch, batch_idx)
 
+    def compute_and_log_metrics(self, loss_output, metrics, mode):
+        """Stock metric logging, run under ``no_grad`` instead of ``inference_mode``.
+
+        scvi-tools logs under :func:`torch.inference_mode`; with a distributed strategy
+        Lightning then synchronises the logged values in place outside inference mode, which
+        fails ("Inplace update to inference tensor"). ``no_grad`` keeps the values ordinary
+        tensors and changes nothing else.
+        """
+        log = TrainingPlan.compute_and_log_metrics
+        log = getattr(log, "__wrapped__", log)
+        with torch.no_grad():
+            return log(self, loss_output, metrics, mode)
+
     def configure_optimizers(self):
         """Adam with a separate weight decay for the intervention generator."""
         generator_params = [p for p in self.module.generator.parameters() if p.requires_grad]
