@@ -227,49 +227,54 @@ def test_keyboard_interrupt_leaves_a_usable_model(small_adata, tmp_path):
     assert np.isfinite(pred.layers["expected"]).all()
 
 
-def test_resume_from_checkpoint(small_adata, tmp_path, monkeypatch):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    # scvi-tools writes its own checkpoints under settings.logging_dir
-    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
-
-    scvi.settings.seed = 0
-    model = gim_scvi.GIM(small_adata, n_programs=3)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    model.train(
-        max_epochs=2,
-        batch_size=64,
-        enable_progress_bar=False,
-        callbacks=[ckpt],
-        enable_checkpointing=True,
-        split_key="split",
-        validation_split="valid",
-    )
-    resumed = gim_scvi.GIM(small_adata, n_programs=3)
-    resumed.train(
+def test_resume_from_checkpoint_dir(small_adata, tmp_path):
+    """An interrupted run resumes from its folder: same split, schedules continue."""
+    kwargs = dict(
         max_epochs=4,
         batch_size=64,
         enable_progress_bar=False,
-        ckpt_path=str(tmp_path / "last.ckpt"),
         split_key="split",
         validation_split="valid",
     )
+    scvi.settings.seed = 0
+    model = gim_scvi.GIM(small_adata, n_programs=3)
+    # Lightning turns Ctrl-C into SystemExit after its clean-up
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        model.train(
+            checkpoint_dir=tmp_path / "ckpt",
+            callbacks=[_StopAt(2, KeyboardInterrupt)],
+            **kwargs,
+        )
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+    resumed = gim_scvi.GIM(small_adata, n_programs=3)
+    resumed.train(checkpoint_dir=tmp_path / "ckpt", **{**kwargs, "max_epochs": None})
     epochs = resumed.history["elbo_train"].index.to_numpy()
     assert epochs.min() >= 2 and epochs.max() == 3  # continued, not restarted
+    assert resumed.train_params_["max_epochs"] == 4  # the plan came from the folder
     # the schedules are a function of the progress, so they continue where an uninterrupted
     # 4-epoch run would be
     straight = gim_scvi.GIM(small_adata, n_programs=3)
-    straight.train(
-        max_epochs=4,
-        batch_size=64,
-        enable_progress_bar=False,
-        split_key="split",
-        validation_split="valid",
-    )
+    straight.train(**kwargs)
     temps = resumed.history["temperature_train"].to_numpy(dtype=float).ravel()
     expected = straight.history["temperature_train"].to_numpy(dtype=float).ravel()[2:]
     assert np.allclose(temps, expected, rtol=1e-4)
     assert temps[0] < model.history["temperature_train"].to_numpy(dtype=float).ravel()[0]
+
+
+def test_resume_refuses_another_split(small_adata, tmp_path):
+    scvi.settings.seed = 0
+    model = gim_scvi.GIM(small_adata, n_programs=3)
+    model.train(
+        max_epochs=1,
+        batch_size=64,
+        enable_progress_bar=False,
+        split_key="split",
+        checkpoint_dir=tmp_path,
+    )
+    other = gim_scvi.GIM(small_adata, n_programs=3)
+    with pytest.raises(ValueError, match="different split"):
+        other.train(max_epochs=1, enable_progress_bar=False, checkpoint_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------- reproducible

@@ -6,6 +6,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from scvi.utils import setup_anndata_dsp
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
 from gim_scvi._utils import context_labels
 from gim_scvi.model import _validation as check
+from gim_scvi.model._checkpoint import prepare_checkpointing, split_fingerprint
 from gim_scvi.model._trainingplan import GIMTrainingPlan
 from gim_scvi.module import GIMModule
 
@@ -285,6 +287,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         datasplitter_kwargs: dict | None = None,
         graph_threshold: float = 0.05,
         kl_warmup_fraction: float = 0.25,
+        checkpoint_dir: str | os.PathLike | None = None,
         **trainer_kwargs,
     ):
         """Train the model; held-out conditions never influence the weights.
@@ -319,8 +322,17 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         kl_warmup_fraction
             Fraction of the epochs over which the KL terms are warmed up from 0 to 1
             (``plan_kwargs["n_epochs_kl_warmup"]`` overrides it).
+        checkpoint_dir
+            Folder for a checkpoint after every epoch (``last.ckpt``). If it already holds
+            the checkpoint of an interrupted run, training resumes from there: same split
+            (checked), same planned epochs, and the annealing schedules continue where they
+            stopped. Create the model the same way (same AnnData set-up and ``__init__``
+            arguments) before resuming.
         **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``, ...).
+            Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``,
+            ``strategy``, ...). Several processes: ``accelerator="cpu"`` or ``"gpu"``,
+            ``devices=N`` and ``strategy="ddp_find_unused_parameters_true"`` (from a script,
+            not a notebook; each process trains on its share of the minibatches).
         """
         self.train_params_ = {
             "max_epochs": max_epochs,
@@ -338,9 +350,18 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             split_key, train_split, validation_split
         )
         self._set_training_statistics(train_idx)
+        default_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
+        if checkpoint_dir is not None:
+            max_epochs = prepare_checkpointing(
+                checkpoint_dir,
+                split_fingerprint([train_idx, val_idx, test_idx], self.adata.n_obs),
+                max_epochs,
+                default_epochs,
+                trainer_kwargs,
+            )
         if max_epochs is None:
-            max_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
-            self.train_params_["max_epochs"] = max_epochs
+            max_epochs = default_epochs
+        self.train_params_["max_epochs"] = max_epochs
         plan_kwargs = {
             "lr": lr,
             "n_epochs_kl_warmup": max(1, round(kl_warmup_fraction * max_epochs)),
@@ -354,8 +375,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             raise ValueError("early_stopping needs validation cells: pass `validation_split`.")
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
-        if len(val_idx):
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        # validate every epoch when there is a validation set, never otherwise (scvi-tools
+        # would switch validation on for checkpointing even without validation cells)
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if len(val_idx) else sys.maxsize)
         try:
             result = super().train(
                 max_epochs=max_epochs,
@@ -368,8 +390,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         except (KeyboardInterrupt, SystemExit):
             logger.warning(
                 "Training was interrupted; the model keeps the weights reached so far and can "
-                "be used, saved, or trained further (resume with `ckpt_path=` when "
-                "checkpointing was enabled)."
+                "be used, saved, or trained further (with `checkpoint_dir=`, call `train` "
+                "again with the same folder to resume)."
             )
             self.is_trained_ = True
             self._finish_training(graph_threshold)
