@@ -101,7 +101,7 @@ def causal_graph(
     show: bool | None = None,
     save: str | Path | None = None,
 ):
-    """The learned program graph; edge width by |weight|, colour by sign.
+    """The learned program graph; edge width by the absolute weight, colour by its sign.
 
     Parameters
     ----------
