@@ -106,7 +106,10 @@ def match_compounds(
 
     Returns
     -------
-    A mapping from each matched input name to the table's name, and the unmatched names.
+    matched : dict
+        Each matched input name mapped to the table's name.
+    unmatched : list
+        The input names that matched nothing.
     """
     table = sciplex3_compounds() if table is None else table
     lookup: dict[str, str] = {}

@@ -170,8 +170,9 @@ def read_sciplex3(path: str | Path, backed: bool = False) -> AnnData:
 
     Returns
     -------
-    AnnData with the canonical columns and ``.uns["sciplex3"]`` (``schema``, ``counts``,
-    ``unmatched`` compound names).
+    AnnData
+        The file's data with the canonical columns and ``.uns["sciplex3"]`` (``schema``,
+        ``counts``, ``unmatched`` compound names).
     """
     adata = read_h5ad(path, backed="r" if backed else None)
     schema = detect_sciplex3_schema(adata.obs)

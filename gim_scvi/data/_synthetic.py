@@ -151,11 +151,12 @@ def synthetic(
 
     Returns
     -------
-    AnnData with integer counts (CSR) in ``.X``; ``.obs`` columns ``condition``,
-    ``cell_line``, ``dose``, ``control``, ``split``; ``.obsm["drug_features"]`` (zeros for
-    controls); ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``drugs`` (EC50, Hill slope,
-    inert flag and split per drug), ``dag``, ``loadings``, ``basal_means`` and
-    ``drug_features``.
+    AnnData
+        Integer counts (CSR) in ``.X``; ``.obs`` columns ``condition``, ``cell_line``,
+        ``dose``, ``control``, ``split``; ``.obsm["drug_features"]`` (zeros for controls);
+        ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``drugs`` (EC50, Hill slope,
+        inert flag and split per drug), ``dag``, ``loadings``, ``basal_means`` and
+        ``drug_features``.
     """
     if n_heldout_drugs + n_validation_drugs >= n_drugs:
         raise ValueError("n_heldout_drugs + n_validation_drugs must be smaller than n_drugs.")

@@ -647,9 +647,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
         Returns
         -------
-        AnnData of predicted cells: ``.obs`` has ``condition``, ``dose``, ``cell_line``,
-        ``source_cell`` (the control cell it was derived from) and ``mode``;
-        ``.obsm["X_gim"]`` the counterfactual programs; ``.uns["gim_predict"]`` the targets.
+        AnnData
+            Predicted cells: ``.obs`` has ``condition``, ``dose``, ``cell_line``,
+            ``source_cell`` (the control cell it was derived from) and ``mode``;
+            ``.obsm["X_gim"]`` the counterfactual programs; ``.uns["gim_predict"]`` the
+            targets.
         """
         self._check_if_trained(warn=True)
         features3d = self._validate_predict_features(features)
@@ -894,7 +896,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
         Returns
         -------
-        DataFrame indexed by ``(condition, cell_line)``, one column per program.
+        DataFrame
+            Indexed by ``(condition, cell_line)``, one column per program.
         """
         if features is None:
             frame = self._registered_conditions(adata).drop_duplicates(["condition", "cell_line"])
@@ -924,9 +927,10 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
         Returns
         -------
-        Dict of DataFrames indexed like ``conditions`` (a DataFrame with ``condition``,
-        ``dose`` and ``cell_line``): ``targets`` (probabilities), ``shifts`` (``a``) and
-        ``total_effects`` (``a A^{-1}``, the change of every program).
+        dict
+            DataFrames indexed like ``conditions`` (a DataFrame with ``condition``,
+            ``dose`` and ``cell_line``): ``targets`` (probabilities), ``shifts`` (``a``)
+            and ``total_effects`` (``a A^{-1}``, the change of every program).
         """
         frame = self._registered_conditions(adata)
         feats = np.stack(frame["features"].to_list())[:, None, :]

@@ -65,7 +65,8 @@ def targets(
 
     Returns
     -------
-    The matrixplot's dictionary of Axes when ``show=False``.
+    dict or None
+        The matrixplot's dictionary of Axes when ``show=False``.
     """
     import scanpy as sc
 
@@ -302,7 +303,8 @@ def programs(
 
     Returns
     -------
-    Array of Axes when ``show=False``.
+    numpy.ndarray or None
+        Array of Axes when ``show=False``.
     """
     import matplotlib.pyplot as plt
 

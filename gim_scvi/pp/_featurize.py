@@ -82,7 +82,8 @@ def smiles_to_features(
 
     Returns
     -------
-    ``len(smiles) x P`` float32 array.
+    numpy.ndarray
+        ``len(smiles) x P`` float32 array.
     """
     if params is not None:
         method = params["method"]

@@ -136,9 +136,11 @@ def evaluate(
 
     Returns
     -------
-    Tidy DataFrame with one row per condition and method and columns ``condition``, ``dose``,
-    ``cell_line``, ``method``, ``n_cells``, ``r2_all``, ``r2_all_clipped``, ``r2_deg``,
-    ``r2_deg_clipped``, ``pearson_delta_all``, ``pearson_delta_deg``, ``energy_distance``.
+    DataFrame
+        Tidy table with one row per condition and method and columns ``condition``,
+        ``dose``, ``cell_line``, ``method``, ``n_cells``, ``r2_all``, ``r2_all_clipped``,
+        ``r2_deg``, ``r2_deg_clipped``, ``pearson_delta_all``, ``pearson_delta_deg``,
+        ``energy_distance``.
     """
     user_adata = adata if adata is not None else model.adata
     adata = model._validate_anndata(model.align_genes(user_adata))
@@ -372,8 +374,9 @@ def condition_deltas(
 
     Returns
     -------
-    Dict with ``genes`` (the DEGs), ``observed_mean``, ``predicted_mean``, ``control_mean``,
-    ``observed_delta``, ``predicted_delta`` (on the DEGs), ``dose`` and ``cell_line``.
+    dict
+        ``genes`` (the DEGs), ``observed_mean``, ``predicted_mean``, ``control_mean``,
+        ``observed_delta``, ``predicted_delta`` (on the DEGs), ``dose`` and ``cell_line``.
     """
     adata = model._validate_anndata(model.align_genes(adata))
     layer = model.registry_["setup_args"]["layer"]

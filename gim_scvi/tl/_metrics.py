@@ -45,7 +45,8 @@ def match_programs(true_loadings: np.ndarray, learned_loadings: np.ndarray) -> n
 
     Returns
     -------
-    For each true program, the index of its learned program (``-1`` if unmatched).
+    numpy.ndarray
+        For each true program, the index of its learned program (``-1`` if unmatched).
     """
     t = _standardise_columns(true_loadings)
     l_ = _standardise_columns(learned_loadings)
