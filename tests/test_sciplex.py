@@ -221,6 +221,11 @@ def test_featurize_shapes_determinism_controls(tmp_path):
     row = np.flatnonzero((adata.obs["condition"] == "Belinostat").to_numpy())[0]
     new = smiles_to_features([adata.obs["smiles"].iloc[row]], params=params)
     assert np.allclose(new[0], feats[row])
+    # the sparse variant holds the same numbers
+    sparse = adata.copy()
+    featurize_smiles(sparse, method="both", n_bits=256, control_key="control", sparse=True)
+    assert sp.issparse(sparse.obsm["drug_features"])
+    assert np.array_equal(sparse.obsm["drug_features"].toarray(), feats)
     morgan = smiles_to_features(["CCO", "c1ccccc1"], method="morgan", n_bits=128)
     assert morgan.shape == (2, 128) and set(np.unique(morgan)) <= {0.0, 1.0}
 

@@ -31,6 +31,7 @@ from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
 from gim_scvi._utils import context_labels
 from gim_scvi.model import _validation as check
 from gim_scvi.model._checkpoint import prepare_checkpointing, split_fingerprint
+from gim_scvi.model._features import FeatureRows, feature_rows
 from gim_scvi.model._trainingplan import GIMTrainingPlan
 from gim_scvi.module import GIMModule
 
@@ -211,16 +212,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     def _setup_arg(self, name: str):
         return self.registry_["setup_args"].get(name)
 
-    def _features(self, adata: AnnData) -> np.ndarray:
-        features = adata.obsm[self._setup_arg("features_key")]
-        if isinstance(features, pd.DataFrame):
-            features = features.to_numpy()
-        if sp.issparse(features):
-            features = features.toarray()
-        return np.asarray(features, dtype=np.float32)
+    def _features(self, adata: AnnData) -> FeatureRows:
+        """The registered per-cell features as distinct rows + index (never densified)."""
+        return feature_rows(adata.obsm[self._setup_arg("features_key")])
 
-    def _control_mask(self, adata: AnnData, features: np.ndarray | None = None) -> np.ndarray:
-        control = _zero_rows(self._features(adata) if features is None else features)
+    def _control_mask(self, adata: AnnData, features: FeatureRows | None = None) -> np.ndarray:
+        control = (self._features(adata) if features is None else features).zero_rows()
         if self._setup_arg("control_key") is not None:
             control |= check.control_flags(adata, self._setup_arg("control_key"))
         return control
@@ -248,9 +245,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         key = self._setup_arg("perturbation_key")
         if key is not None:
             return adata.obs[key].astype(str).to_numpy()
-        features = self._features(adata)
-        _, inverse = np.unique(features, axis=0, return_inverse=True)
-        return np.array([f"perturbation_{i}" for i in inverse.reshape(-1)])
+        return np.char.add("perturbation_", self._features(adata).inverse.astype(str))
 
     def align_genes(self, adata: AnnData) -> AnnData:
         """Return ``adata`` with the model's genes in the model's order.
@@ -433,19 +428,22 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
     def _set_training_statistics(self, train_idx: np.ndarray) -> None:
         """Feature/dose standardisation and cells per context, from training cells only."""
-        adata = self.adata[train_idx]
+        adata = self.adata
         features = self._features(adata)
-        treated = ~self._control_mask(adata, features)
+        in_train = np.zeros(adata.n_obs, dtype=bool)
+        in_train[train_idx] = True
+        control = self._control_mask(adata, features)
+        treated = in_train & ~control
         if not treated.any():
             raise ValueError("The training cells contain no perturbed cell; nothing to learn.")
-        if treated.all():
+        if not (in_train & control).any():
             raise ValueError(
                 "The training cells contain no control cell. GIM learns each cell line's basal "
                 "state from its controls: flag vehicle cells with `control_key` or give them "
                 "all-zero feature rows."
             )
         codes = self._cell_line_codes(adata)
-        lines_without = sorted(set(codes[treated]) - set(codes[~treated]))
+        lines_without = sorted(set(codes[treated]) - set(codes[in_train & control]))
         if lines_without:
             logger.warning(
                 "Cell line(s) %s have no control cells in training; predictions in them need "
@@ -453,24 +451,23 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
                 [self.cell_lines[c] for c in lines_without],
             )
         module = self.module
-        feats = features[treated]
-        module.feature_mean.copy_(torch.as_tensor(feats.mean(0)))
+        mean, std = features.treated_mean_std(treated)
+        module.feature_mean.copy_(torch.as_tensor(mean))
         # features constant in training (e.g. fingerprint bits never set) are not rescaled,
         # so a new drug that sets such a bit does not get a huge standardised input
-        std = feats.std(0)
         module.feature_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
         doses = self._doses(adata)
-        key = [feats, self._cell_line_codes(adata)[treated, None].astype(np.float32)]
+        context = [features.inverse[treated], codes[treated]]
         if doses is not None:
             log_dose = np.log(doses[treated])
             module.log_dose_center.fill_(float(log_dose.mean()))
             module.log_dose_scale.fill_(float(max(log_dose.std(), 1e-3)))
-            key.append(doses[treated, None])
-        log_lib = self._library(adata, np.arange(adata.n_obs))
-        for code in np.unique(codes):
-            module.log_library_mean[code] = float(log_lib[codes == code].mean())
-            module.log_library_sd[code] = float(log_lib[codes == code].std())
-        n_contexts = len(np.unique(np.concatenate(key, axis=1), axis=0))
+            context.append(doses[treated])
+        log_lib = self._library(adata, train_idx)
+        for code in np.unique(codes[train_idx]):
+            module.log_library_mean[code] = float(log_lib[codes[train_idx] == code].mean())
+            module.log_library_sd[code] = float(log_lib[codes[train_idx] == code].std())
+        n_contexts = len(pd.DataFrame(dict(enumerate(context))).drop_duplicates())
         module.cells_per_context.fill_(treated.sum() / n_contexts)
 
     # ------------------------------------------------------------------ persistence
@@ -543,7 +540,14 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     def _library(self, adata: AnnData, indices: np.ndarray) -> np.ndarray:
         layer = self._setup_arg("layer")
         x = adata.layers[layer] if layer is not None else adata.X
-        sums = np.asarray(x[indices].sum(axis=1)).reshape(-1)
+        chunk = 50_000  # row sums chunk by chunk: no copy of the whole matrix
+        sums = np.concatenate(
+            [np.zeros(0)]
+            + [
+                np.asarray(x[indices[i : i + chunk]].sum(axis=1)).reshape(-1)
+                for i in range(0, len(indices), chunk)
+            ]
+        )
         return np.log(np.maximum(sums, 1.0)).astype(np.float32)
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 Method = Literal["morgan", "descriptors", "both"]
@@ -129,6 +130,7 @@ def featurize_smiles(
     n_bits: int = 1024,
     control_key: str | None = None,
     key_added: str = "drug_features",
+    sparse: bool = False,
 ) -> None:
     """Write RDKit features of each cell's compound to ``adata.obsm[key_added]``.
 
@@ -152,6 +154,10 @@ def featurize_smiles(
         Optional boolean / 0-1 column of ``adata.obs`` flagging controls.
     key_added
         Key of ``.obsm`` and ``.uns`` to write.
+    sparse
+        Write a CSR matrix instead of a dense array. Morgan bits are mostly zero: for a
+        whole screen (650,000 cells x 1,024 bits) this takes ~0.3 GB instead of 2.7 GB;
+        :class:`~gim_scvi.GIM` reads either without densifying.
     """
     if smiles_key not in adata.obs:
         raise KeyError(
@@ -177,8 +183,17 @@ def featurize_smiles(
         }
     table = smiles_to_features(distinct, params=params)
     index = {s: i for i, s in enumerate(distinct)}
-    features = np.zeros((adata.n_obs, table.shape[1]), dtype=np.float32)
+    # row i of `lookup` is compound i's features; the last row (zeros) is for controls
+    lookup = np.vstack([table, np.zeros((1, table.shape[1]), np.float32)])
+    which = np.full(adata.n_obs, len(table), dtype=np.int64)
     rows = np.flatnonzero(~control)
-    features[rows] = table[[index[s] for s in smiles[rows]]]
-    adata.obsm[key_added] = features
+    which[rows] = [index[s] for s in smiles[rows]]
+    if sparse:
+        select = sp.csr_matrix(
+            (np.ones(adata.n_obs, np.float32), (np.arange(adata.n_obs), which)),
+            shape=(adata.n_obs, len(lookup)),
+        )
+        adata.obsm[key_added] = (select @ sp.csr_matrix(lookup)).astype(np.float32).tocsr()
+    else:
+        adata.obsm[key_added] = lookup[which]
     adata.uns[key_added] = params | {"n_compounds": len(distinct), "n_features": table.shape[1]}
