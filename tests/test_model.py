@@ -323,3 +323,29 @@ def test_generator_weight_decay_and_lr_schedule(small_adata):
     assert [g["weight_decay"] for g in groups] == [plan.weight_decay, 0.05]
     n_generator = sum(1 for _ in model.module.generator.parameters())
     assert len(groups[1]["params"]) == n_generator
+
+
+def test_predict_iter_chunks_equal_one_predict(trained):
+    """Streaming predictions in chunks gives exactly the cells of one predict call."""
+    model, _ = trained
+    feats = np.random.default_rng(1).normal(size=(5, model.module.feature_mean.shape[0]))
+    kwargs = dict(features=feats, doses=[10.0, 100.0, 1000.0, 10.0, 50.0], n_cells=7, seed=3)
+    whole = model.predict(**kwargs)
+    chunks = list(model.predict_iter(**kwargs, conditions_per_chunk=2))
+    assert [c.obs["condition"].nunique() for c in chunks] == [2, 2, 1]
+    assert sum(c.n_obs for c in chunks) == whole.n_obs
+
+    def cells(pred, cond, line):
+        mask = (pred.obs["condition"] == cond).to_numpy() & (pred.obs["cell_line"] == line)
+        return pred.X[mask.to_numpy()].toarray(), pred.layers["expected"][mask.to_numpy()]
+
+    for cond in whole.obs["condition"].unique():
+        chunk = next(c for c in chunks if cond in set(c.obs["condition"]))
+        for line in model.cell_lines:
+            (x_whole, e_whole), (x_chunk, e_chunk) = (
+                cells(whole, cond, line),
+                cells(chunk, cond, line),
+            )
+            assert x_whole.shape[0] == 7
+            assert np.array_equal(x_whole, x_chunk)
+            assert np.array_equal(e_whole, e_chunk)

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -657,7 +657,85 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             ``.obsm["X_gim"]`` the counterfactual programs; ``.uns["gim_predict"]`` the
             targets.
         """
+        plan = self._prediction_plan(
+            features,
+            doses,
+            cell_lines,
+            conditions,
+            adata,
+            n_cells,
+            mode,
+            sample_counts,
+            seed,
+            batch_size,
+        )
+        return self._predict_conditions(plan, np.arange(len(plan["names"])))
+
+    def predict_iter(
+        self,
+        features: np.ndarray | Sequence,
+        doses: float | Sequence | np.ndarray | None = None,
+        cell_lines: str | Sequence[str] | None = None,
+        conditions: Sequence[str] | None = None,
+        adata: AnnData | None = None,
+        n_cells: int | None = 200,
+        mode: Literal["map", "mean", "sample"] = "mean",
+        sample_counts: bool = True,
+        seed: int = 0,
+        batch_size: int = 1024,
+        conditions_per_chunk: int = 32,
+    ) -> Iterator[AnnData]:
+        """:meth:`predict` in chunks of conditions, for screens too large to hold at once.
+
+        Yields one AnnData per ``conditions_per_chunk`` conditions (in every requested cell
+        line); memory does not grow with the number of conditions. The control cells are
+        encoded once. A condition's cells are the same as from :meth:`predict` with the same
+        arguments and seed, whatever the chunking. Write each chunk to disk, or reduce it
+        (e.g. to condition means) before asking for the next.
+
+        Parameters
+        ----------
+        features, doses, cell_lines, conditions, adata, n_cells, mode, sample_counts, seed, \
+batch_size
+            As for :meth:`predict`.
+        conditions_per_chunk
+            Conditions per yielded AnnData.
+        """
+        plan = self._prediction_plan(
+            features,
+            doses,
+            cell_lines,
+            conditions,
+            adata,
+            n_cells,
+            mode,
+            sample_counts,
+            seed,
+            batch_size,
+        )
+        n_cond = len(plan["names"])
+        for start in range(0, n_cond, max(int(conditions_per_chunk), 1)):
+            stop = min(start + max(int(conditions_per_chunk), 1), n_cond)
+            yield self._predict_conditions(plan, np.arange(start, stop))
+
+    @torch.inference_mode()
+    def _prediction_plan(
+        self,
+        features,
+        doses,
+        cell_lines,
+        conditions,
+        adata,
+        n_cells,
+        mode,
+        sample_counts,
+        seed,
+        batch_size,
+    ) -> dict:
+        """Validated inputs and the encoded control cells of every requested line."""
         self._check_if_trained(warn=True)
+        if mode not in ("map", "mean", "sample"):
+            raise ValueError(f"mode must be 'map', 'mean' or 'sample', got {mode!r}.")
         features3d = self._validate_predict_features(features)
         n_cond, n_comp = features3d.shape[:2]
         dose2d = self._validate_predict_doses(doses, n_cond, n_comp)
@@ -665,37 +743,67 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         lines = self._validate_cell_lines(cell_lines)
         adata = adata if adata is not None else self.adata
         adata = self._validate_anndata(self.align_genes(adata)) if adata is not None else None
-        rng = np.random.default_rng(seed)
-        device = self.module.device
-        torch_gen = torch.Generator(device=device).manual_seed(seed)
         cells = None
         if adata is not None:  # each cell's line if it is a control (-1 otherwise), and batch
             control_line = np.where(self._control_mask(adata), self._cell_line_codes(adata), -1)
             cells = (control_line, self._batch_codes(adata))
+        pools = {}
+        for j, line in enumerate(lines):
+            generator = torch.Generator(device=self.module.device)
+            generator.manual_seed(_derived_seed(seed, j))
+            pools[line] = self._control_pool(adata, cells, line, n_cells, generator, batch_size)
+        return {
+            "features": features3d,
+            "doses": dose2d,
+            "names": names,
+            "lines": lines,
+            "pools": pools,
+            "n_cells": n_cells,
+            "mode": mode,
+            "sample_counts": sample_counts,
+            "seed": seed,
+            "var_names": adata.var_names if adata is not None else self._var_names(),
+        }
+
+    @torch.inference_mode()
+    def _predict_conditions(self, plan: dict, which: np.ndarray) -> AnnData:
+        """Predicted cells of the conditions ``which`` of a :meth:`_prediction_plan`."""
         blocks = []
+        dose2d = plan["doses"]
+        device = self.module.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for line in lines:
-                pool = self._control_pool(adata, cells, line, n_cells, rng, torch_gen, batch_size)
-                for i in range(n_cond):
-                    pick = _choose(len(pool["source"]), n_cells, rng)
+            for j, line in enumerate(plan["lines"]):
+                pool = plan["pools"][line]
+                for i in which:
+                    # each (condition, line) has its own random stream: chunking changes nothing
+                    block_seed = _derived_seed(plan["seed"], j, int(i))
+                    torch.manual_seed(block_seed)  # the likelihood's draws
+                    rng = np.random.default_rng(block_seed)
+                    pick = _choose(len(pool["source"]), plan["n_cells"], rng)
                     block = self._predict_block(
-                        features3d[i],
+                        plan["features"][i],
                         None if dose2d is None else dose2d[i],
                         self.cell_lines.index(line),
                         pool["z"][pick],
                         pool["library"][pick],
                         pool["batch"][pick],
-                        mode,
-                        sample_counts,
-                        torch_gen,
+                        plan["mode"],
+                        plan["sample_counts"],
+                        torch.Generator(device=device).manual_seed(block_seed),
                     )
                     block["obs"] = _prediction_obs(
-                        names[i], dose2d, i, line, pool["source"][pick], mode
+                        plan["names"][i], dose2d, i, line, pool["source"][pick], plan["mode"]
                     )
                     blocks.append(block)
-        var_names = adata.var_names if adata is not None else self._var_names()
-        return self._assemble_prediction(blocks, var_names, names, lines, features3d, dose2d, mode)
+        return self._assemble_prediction(
+            blocks,
+            plan["var_names"],
+            [plan["names"][i] for i in which],
+            plan["lines"],
+            plan["features"][which],
+            None if dose2d is None else dose2d[which],
+            plan["mode"],
+        )
 
     def _control_pool(
         self,
@@ -703,7 +811,6 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         cells: tuple[np.ndarray, np.ndarray] | None,
         line: str,
         n_cells: int | None,
-        rng: np.random.Generator,
         generator: torch.Generator,
         batch_size: int,
     ) -> dict[str, np.ndarray]:
@@ -778,16 +885,22 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             x = px.sample()
         else:
             x = expected
+        x = x.cpu().numpy().astype(np.float32)
+        if self.module.gene_likelihood != "normal":
+            x = sp.csr_matrix(x)  # counts are mostly zero: keep each block sparse at once
         return {
-            "X": x.cpu().numpy().astype(np.float32),
+            "X": x,
             "expected": expected.cpu().numpy().astype(np.float32),
             "latent": z_star.cpu().numpy(),
         }
 
     def _assemble_prediction(self, blocks, var_names, names, lines, features3d, dose2d, mode):
-        x = np.concatenate([b["X"] for b in blocks])
+        if self.module.gene_likelihood != "normal":
+            x = sp.vstack([b["X"] for b in blocks], format="csr")
+        else:
+            x = np.concatenate([b["X"] for b in blocks])
         pred = AnnData(
-            X=sp.csr_matrix(x) if self.module.gene_likelihood != "normal" else x,
+            X=x,
             obs=pd.concat([b["obs"] for b in blocks], ignore_index=True),
             var=pd.DataFrame(index=pd.Index(var_names).copy()),
         )
@@ -1069,6 +1182,11 @@ def _condition_names(conditions, n: int) -> list[str]:
     if len(names) != n:
         raise ValueError(f"`conditions` has {len(names)} names for {n} conditions.")
     return names
+
+
+def _derived_seed(*ints: int) -> int:
+    """A seed for one part of a computation, from the user's seed and the part's indices."""
+    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
 
 
 def _choose(n_pool: int, n_cells: int | None, rng: np.random.Generator) -> np.ndarray:
