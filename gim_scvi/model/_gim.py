@@ -690,7 +690,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         Yields one AnnData per ``conditions_per_chunk`` conditions (in every requested cell
         line); memory does not grow with the number of conditions. The control cells are
         encoded once. A condition's cells are the same as from :meth:`predict` with the same
-        arguments and seed, whatever the chunking. Write each chunk to disk, or reduce it
+        arguments and seed, whatever the chunking (same control cells and random draws; the
+        expected values agree up to floating-point rounding). Write each chunk to disk, or reduce it
         (e.g. to condition means) before asking for the next.
 
         Parameters
@@ -770,40 +771,62 @@ batch_size
         """Predicted cells of the conditions ``which`` of a :meth:`_prediction_plan`."""
         blocks = []
         dose2d = plan["doses"]
+        mode = plan["mode"]
         device = self.module.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for j, line in enumerate(plan["lines"]):
                 pool = plan["pools"][line]
-                for i in which:
+                code = self.cell_lines.index(line)
+                shared = None
+                if mode != "sample":  # one intervention per condition: all at once
+                    shared = self._intervention_tensors(
+                        plan["features"][which],
+                        None if dose2d is None else dose2d[which],
+                        np.full(len(which), code),
+                        mode,
+                    )
+                for k, i in enumerate(which):
                     # each (condition, line) has its own random stream: chunking changes nothing
                     block_seed = _derived_seed(plan["seed"], j, int(i))
                     torch.manual_seed(block_seed)  # the likelihood's draws
                     rng = np.random.default_rng(block_seed)
                     pick = _choose(len(pool["source"]), plan["n_cells"], rng)
+                    if shared is None:
+                        shift, log_scale = self._sampled_interventions(
+                            plan["features"][i],
+                            None if dose2d is None else dose2d[i],
+                            code,
+                            len(pick),
+                            torch.Generator(device=device).manual_seed(block_seed),
+                        )
+                    else:
+                        shift = shared["shift"][k : k + 1].expand(len(pick), -1)
+                        log_scale = shared["log_scale"]
+                        if log_scale is not None:
+                            log_scale = log_scale[k : k + 1].expand(len(pick), -1)
                     block = self._predict_block(
-                        plan["features"][i],
-                        None if dose2d is None else dose2d[i],
-                        self.cell_lines.index(line),
+                        shift,
+                        log_scale,
+                        code,
                         pool["z"][pick],
                         pool["library"][pick],
                         pool["batch"][pick],
-                        plan["mode"],
                         plan["sample_counts"],
-                        torch.Generator(device=device).manual_seed(block_seed),
                     )
-                    block["obs"] = _prediction_obs(
-                        plan["names"][i], dose2d, i, line, pool["source"][pick], plan["mode"]
-                    )
+                    block["condition"] = np.full(len(pick), int(i))
+                    block["line"] = np.full(len(pick), j)
+                    block["source"] = pool["source"][pick]
                     blocks.append(block)
-        return self._assemble_prediction(
-            blocks,
-            plan["var_names"],
-            [plan["names"][i] for i in which],
-            plan["lines"],
-            plan["features"][which],
-            None if dose2d is None else dose2d[which],
-            plan["mode"],
+        return self._assemble_prediction(blocks, plan, which)
+
+    def _sampled_interventions(self, features, doses, line_code, n, generator):
+        """One draw of the intervention for each of ``n`` cells (``mode="sample"``)."""
+        feats = np.broadcast_to(features, (n, *features.shape)).copy()
+        dose = None if doses is None else np.broadcast_to(doses, (n, len(doses))).copy()
+        interv = self._intervention_tensors(
+            feats, dose, np.full(n, line_code), "sample", generator
         )
+        return interv["shift"], interv["log_scale"]
 
     def _control_pool(
         self,
@@ -850,27 +873,17 @@ batch_size
 
     def _predict_block(
         self,
-        features: np.ndarray,
-        doses: np.ndarray | None,
+        shift: torch.Tensor,
+        log_scale: torch.Tensor | None,
         line_code: int,
         z_control: np.ndarray,
         library: np.ndarray,
         batch_codes: np.ndarray,
-        mode: str,
         sample_counts: bool,
-        generator: torch.Generator,
     ) -> dict:
+        """Counterfactual programs and decoded expression of control cells under a shift."""
         n = z_control.shape[0]
         device = self.module.device
-        if mode == "sample":
-            feats = np.broadcast_to(features, (n, *features.shape)).copy()
-            dose = None if doses is None else np.broadcast_to(doses, (n, len(doses))).copy()
-        else:
-            feats, dose = features[None], None if doses is None else doses[None]
-        lines = np.full(feats.shape[0], line_code)
-        interv = self._intervention_tensors(feats, dose, lines, mode, generator)
-        shift = interv["shift"].expand(n, -1)
-        log_scale = None if interv["log_scale"] is None else interv["log_scale"].expand(n, -1)
         line_t = torch.full((n, 1), line_code, device=device)
         z = torch.as_tensor(z_control, device=device)
         z_star = self.module.counterfactual(z, shift, log_scale, line_t)
@@ -880,42 +893,48 @@ batch_size
             line_t,
             torch.as_tensor(batch_codes[:, None], device=device),
         )
-        expected = px.mean
+        expected = px.mean.cpu().numpy().astype(np.float32)
+        x = expected
         if sample_counts:
-            x = px.sample()
-        else:
-            x = expected
-        x = x.cpu().numpy().astype(np.float32)
-        if self.module.gene_likelihood != "normal":
-            x = sp.csr_matrix(x)  # counts are mostly zero: keep each block sparse at once
-        return {
-            "X": x,
-            "expected": expected.cpu().numpy().astype(np.float32),
-            "latent": z_star.cpu().numpy(),
-        }
+            x = px.sample().cpu().numpy().astype(np.float32)
+            if self.module.gene_likelihood != "normal":
+                x = sp.csr_matrix(x)  # counts are mostly zero: keep each block sparse at once
+        return {"X": x, "expected": expected, "latent": z_star.cpu().numpy()}
 
-    def _assemble_prediction(self, blocks, var_names, names, lines, features3d, dose2d, mode):
-        if self.module.gene_likelihood != "normal":
+    def _assemble_prediction(self, blocks: list[dict], plan: dict, which: np.ndarray) -> AnnData:
+        if sp.issparse(blocks[0]["X"]):
             x = sp.vstack([b["X"] for b in blocks], format="csr")
         else:
             x = np.concatenate([b["X"] for b in blocks])
-        pred = AnnData(
-            X=x,
-            obs=pd.concat([b["obs"] for b in blocks], ignore_index=True),
-            var=pd.DataFrame(index=pd.Index(var_names).copy()),
+        condition = np.concatenate([b["condition"] for b in blocks])
+        obs = pd.DataFrame(
+            {
+                "condition": np.asarray(plan["names"], dtype=object)[condition],
+                "dose": _dose_labels(plan["doses"], len(plan["names"]))[condition],
+                "cell_line": np.asarray(plan["lines"], dtype=object)[
+                    np.concatenate([b["line"] for b in blocks])
+                ],
+                "source_cell": np.concatenate([b["source"] for b in blocks]).astype(str),
+                "mode": plan["mode"],
+            }
         )
+        pred = AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(plan["var_names"]).copy()))
         pred.obs_names = [f"pred_{i}" for i in range(pred.n_obs)]
         for col in ("condition", "cell_line", "mode"):
             pred.obs[col] = pd.Categorical(pred.obs[col])
-        pred.layers["expected"] = np.concatenate([b["expected"] for b in blocks])
+        if plan["sample_counts"]:
+            pred.layers["expected"] = np.concatenate([b["expected"] for b in blocks])
+        else:  # X already holds the expected values
+            pred.layers["expected"] = x
         pred.obsm["X_gim"] = np.concatenate([b["latent"] for b in blocks])
+        dose2d = plan["doses"]
         targets = self.get_intervention_targets(
-            features=features3d, doses=dose2d, cell_lines=lines, conditions=names
+            features=plan["features"][which],
+            doses=None if dose2d is None else dose2d[which],
+            cell_lines=plan["lines"],
+            conditions=[plan["names"][i] for i in which],
         )
-        pred.uns["gim_predict"] = {
-            "mode": mode,
-            "targets": _flatten_index(targets),
-        }
+        pred.uns["gim_predict"] = {"mode": plan["mode"], "targets": _flatten_index(targets)}
         return pred
 
     def _validate_predict_features(self, features) -> np.ndarray:
@@ -1195,22 +1214,13 @@ def _choose(n_pool: int, n_cells: int | None, rng: np.random.Generator) -> np.nd
     return rng.choice(n_pool, size=n_cells, replace=n_cells > n_pool)
 
 
-def _prediction_obs(name, dose2d, i, line, source, mode) -> pd.DataFrame:
+def _dose_labels(dose2d: np.ndarray | None, n_conditions: int) -> np.ndarray:
+    """Each condition's dose for ``obs["dose"]``: a number, ``"d1+d2"`` for combinations."""
     if dose2d is None:
-        dose = np.nan
-    elif dose2d.shape[1] == 1:
-        dose = float(dose2d[i, 0])
-    else:
-        dose = "+".join(f"{d:g}" for d in dose2d[i])
-    return pd.DataFrame(
-        {
-            "condition": name,
-            "dose": dose,
-            "cell_line": line,
-            "source_cell": np.asarray(source, dtype=str),
-            "mode": mode,
-        }
-    )
+        return np.full(n_conditions, np.nan)
+    if dose2d.shape[1] == 1:
+        return dose2d[:, 0].astype(float)
+    return np.array(["+".join(f"{d:g}" for d in row) for row in dose2d], dtype=object)
 
 
 def _flatten_index(frame: pd.DataFrame) -> pd.DataFrame:
