@@ -4,6 +4,7 @@ import pytest
 import gim_scvi
 from gim_scvi.tl._baselines import (
     MeanShift,
+    NearestDose,
     NearestDrug,
     RidgeShift,
     TrainingProfiles,
@@ -46,6 +47,51 @@ def test_baselines_known_answers():
     f_new, d_new = np.array([2.0, -1.0]), 100.0
     pred = ridge.predict_delta(f_new, d_new, "A")
     assert np.allclose(pred, f_new @ b_true() + 0.5 * np.log(d_new), atol=1e-3)
+
+
+def test_nearest_dose_baseline():
+    t = _profiles()
+    f = np.array([0.0, 1.0])
+    expected_at_1000 = f @ b_true() + 0.5 * np.log(1000.0)
+    # 500 nM is nearer to 1000 than to 10 on the log scale
+    assert np.allclose(NearestDose().fit(t).predict_delta(f, 500.0, "B"), expected_at_1000)
+    assert np.allclose(
+        NearestDose().fit(t).predict_delta(f, 50.0, "B"), f @ b_true() + 0.5 * np.log(10.0)
+    )
+    # a perturbation never seen falls back to the most similar one
+    near = NearestDose().fit(t).predict_delta(np.array([0.9, 0.1]), 10.0, "B")
+    assert np.allclose(near, np.array([1.0, 0.0, 2.0]) + 0.5 * np.log(10.0))
+
+
+def test_dose_holdout_split():
+    adata = make_small()
+    gim_scvi.data.dose_holdout_split(adata, dose=1000.0, key_added="split_dose")
+    split = adata.obs["split_dose"].astype(str).to_numpy()
+    control = adata.obs["control"].to_numpy().astype(bool)
+    dose = adata.obs["dose"].to_numpy()
+    assert set(split[~control & (dose == 1000.0)]) == {"test"}
+    assert set(split[control]) == {"train"}
+    assert set(split[~control & (dose != 1000.0)]) == {"train"}
+    with pytest.raises(ValueError, match="not a dose"):
+        gim_scvi.data.dose_holdout_split(adata, dose=3.0)
+
+
+def test_evaluate_on_an_unseen_dose(trained):
+    model, adata = trained
+    adata = adata.copy()
+    gim_scvi.data.dose_holdout_split(adata, dose=1000.0, key_added="split_dose")
+    res = gim_scvi.tl.evaluate(
+        model,
+        adata,
+        split_key="split_dose",
+        baselines=("control_mean", "nearest_dose"),
+        n_cells=20,
+        n_degs=10,
+        n_pcs=5,
+        energy_cells=30,
+    )
+    assert set(res["method"]) == {"GIM", "control_mean", "nearest_dose"}
+    assert set(res["dose"].astype(float)) == {1000.0}
 
 
 def test_tanimoto_similarity():

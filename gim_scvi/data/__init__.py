@@ -8,11 +8,13 @@ from gim_scvi.data._sciplex import (
     sciplex3_ood_split,
     synthetic_sciplex,
 )
+from gim_scvi.data._splits import dose_holdout_split
 from gim_scvi.data._synthetic import random_dag, simulate_screen, synthetic
 
 __all__ = [
     "SCIPLEX3_OOD_DRUGS",
     "detect_sciplex3_schema",
+    "dose_holdout_split",
     "match_compounds",
     "normalize_name",
     "random_dag",

@@ -691,8 +691,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         line); memory does not grow with the number of conditions. The control cells are
         encoded once. A condition's cells are the same as from :meth:`predict` with the same
         arguments and seed, whatever the chunking (same control cells and random draws; the
-        expected values agree up to floating-point rounding). Write each chunk to disk, or reduce it
-        (e.g. to condition means) before asking for the next.
+        expected values agree up to floating-point rounding). Write each chunk to disk, or
+        reduce it (e.g. to condition means) before asking for the next.
 
         Parameters
         ----------

@@ -89,6 +89,25 @@ class NearestDrug(Baseline):
         return t.deltas[sel[np.argmax(sim)]]
 
 
+class NearestDose(Baseline):
+    """The same perturbation's shift at its nearest training dose (log scale), same line.
+
+    The reference for doses never seen in training. A perturbation without any training
+    condition in that line falls back to the most similar one (as :class:`NearestDrug`).
+    """
+
+    name = "nearest_dose"
+
+    def predict_delta(self, features, dose, line):
+        t = self.train_
+        same = (t.lines == line) & np.all(np.isclose(t.features, features[None]), axis=1)
+        if not same.any():
+            return NearestDrug.predict_delta(self, features, dose, line)
+        rows = np.flatnonzero(same)
+        gap = np.abs(np.log(t.doses[rows]) - np.log(dose))
+        return t.deltas[rows[gap == gap.min()]].mean(0)
+
+
 class RidgeShift(Baseline):
     """Ridge regression from features and log dose to the per-gene shift, one per line.
 
@@ -121,7 +140,7 @@ class RidgeShift(Baseline):
 
 
 BASELINES: dict[str, type[Baseline]] = {
-    cls.name: cls for cls in (ControlMean, MeanShift, NearestDrug, RidgeShift)
+    cls.name: cls for cls in (ControlMean, MeanShift, NearestDrug, NearestDose, RidgeShift)
 }
 
 
