@@ -918,8 +918,9 @@ batch_size
                 "mode": plan["mode"],
             }
         )
-        pred = AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(plan["var_names"]).copy()))
-        pred.obs_names = [f"pred_{i}" for i in range(pred.n_obs)]
+        obs.index = pd.Index([f"pred_{i}" for i in range(len(obs))])
+        var = pd.DataFrame(index=pd.Index(plan["var_names"]).astype(str))
+        pred = AnnData(X=x, obs=obs, var=var)
         for col in ("condition", "cell_line", "mode"):
             pred.obs[col] = pd.Categorical(pred.obs[col])
         if plan["sample_counts"]:
