@@ -333,6 +333,11 @@ def test_predict_iter_chunks_equal_one_predict(trained):
     whole = model.predict(**kwargs)
     chunks = list(model.predict_iter(**kwargs, conditions_per_chunk=2))
     assert [c.obs["condition"].nunique() for c in chunks] == [2, 2, 1]
+    # expected values only (decoded in batches across conditions) are the same numbers
+    means = model.predict(**kwargs, sample_counts=False, batch_size=16)
+    assert np.array_equal(means.obs["source_cell"], whole.obs["source_cell"])
+    assert np.allclose(means.X, whole.layers["expected"], rtol=1e-5)
+    assert means.layers["expected"] is means.X or np.array_equal(means.layers["expected"], means.X)
     assert sum(c.n_obs for c in chunks) == whole.n_obs
 
     def cells(pred, cond, line):

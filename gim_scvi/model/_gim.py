@@ -763,6 +763,7 @@ batch_size
             "mode": mode,
             "sample_counts": sample_counts,
             "seed": seed,
+            "batch_size": batch_size,
             "var_names": adata.var_names if adata is not None else self._var_names(),
         }
 
@@ -804,20 +805,53 @@ batch_size
                         log_scale = shared["log_scale"]
                         if log_scale is not None:
                             log_scale = log_scale[k : k + 1].expand(len(pick), -1)
-                    block = self._predict_block(
-                        shift,
-                        log_scale,
-                        code,
-                        pool["z"][pick],
-                        pool["library"][pick],
-                        pool["batch"][pick],
-                        plan["sample_counts"],
-                    )
-                    block["condition"] = np.full(len(pick), int(i))
-                    block["line"] = np.full(len(pick), j)
-                    block["source"] = pool["source"][pick]
+                    block = {
+                        "condition": np.full(len(pick), int(i)),
+                        "line": np.full(len(pick), j),
+                        "source": pool["source"][pick],
+                        "inputs": (shift, log_scale, code, pick),
+                    }
+                    if plan["sample_counts"]:  # the draws need the block's own random stream
+                        block |= self._predict_block(
+                            shift,
+                            log_scale,
+                            code,
+                            pool["z"][pick],
+                            pool["library"][pick],
+                            pool["batch"][pick],
+                            True,
+                        )
                     blocks.append(block)
+                if not plan["sample_counts"]:  # deterministic: decode the line's cells at once
+                    self._decode_together([b for b in blocks if "X" not in b], pool, plan)
         return self._assemble_prediction(blocks, plan, which)
+
+    def _decode_together(self, blocks: list[dict], pool: dict, plan: dict) -> None:
+        """Expected values of several blocks of one line, ``batch_size`` cells per pass."""
+        shift = torch.cat([b["inputs"][0] for b in blocks])
+        scales = [b["inputs"][1] for b in blocks]
+        log_scale = None if scales[0] is None else torch.cat(scales)
+        pick = np.concatenate([b["inputs"][3] for b in blocks])
+        code = blocks[0]["inputs"][2]
+        step = max(int(plan["batch_size"]), 1)
+        parts = [
+            self._predict_block(
+                shift[s : s + step],
+                None if log_scale is None else log_scale[s : s + step],
+                code,
+                pool["z"][pick[s : s + step]],
+                pool["library"][pick[s : s + step]],
+                pool["batch"][pick[s : s + step]],
+                False,
+            )
+            for s in range(0, len(pick), step)
+        ]
+        expected = np.concatenate([p["expected"] for p in parts])
+        latent = np.concatenate([p["latent"] for p in parts])
+        bounds = np.cumsum([0] + [len(b["source"]) for b in blocks])
+        for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True):
+            b["X"] = b["expected"] = expected[lo:hi]
+            b["latent"] = latent[lo:hi]
 
     def _sampled_interventions(self, features, doses, line_code, n, generator):
         """One draw of the intervention for each of ``n`` cells (``mode="sample"``)."""
