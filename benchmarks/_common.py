@@ -18,6 +18,8 @@ SETUP = dict(
     perturbation_key="condition",
     cell_line_key="cell_line",
 )
+# the canonical schema of gim_scvi.data.read_sciplex3 / synthetic_sciplex
+SCIPLEX_SETUP = {**SETUP, "dose_key": "dose_nM"}
 
 
 class EpochTimer(pl.Callback):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scvi
-from _common import peak_rss_gb, print_table
+from _common import SCIPLEX_SETUP, peak_rss_gb, print_table
 
 import gim_scvi
 
@@ -33,14 +33,7 @@ def trained_model(n_genes: int):
         cells_per_condition=2, control_cells_per_line=1000, n_genes=n_genes
     )
     gim_scvi.pp.featurize_smiles(adata, "smiles", method="morgan", control_key="control")
-    gim_scvi.GIM.setup_anndata(
-        adata,
-        features_key="drug_features",
-        control_key="control",
-        dose_key="dose_nM",
-        perturbation_key="condition",
-        cell_line_key="cell_line",
-    )
+    gim_scvi.GIM.setup_anndata(adata, **SCIPLEX_SETUP)
     model = gim_scvi.GIM(adata)
     model.train(max_epochs=1, enable_progress_bar=False)
     return model, adata

@@ -22,7 +22,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import scvi
-from _common import EpochTimer, peak_rss_gb, print_table, sparse_gb
+from _common import SCIPLEX_SETUP, EpochTimer, peak_rss_gb, print_table, sparse_gb
 
 import gim_scvi
 
@@ -46,14 +46,7 @@ def train(path: Path, batch_size: int, out: Path) -> None:
     gim_scvi.pp.featurize_smiles(
         adata, "smiles", method="morgan", control_key="control", sparse=True
     )
-    gim_scvi.GIM.setup_anndata(
-        adata,
-        features_key="drug_features",
-        control_key="control",
-        dose_key="dose_nM",
-        perturbation_key="condition",
-        cell_line_key="cell_line",
-    )
+    gim_scvi.GIM.setup_anndata(adata, **SCIPLEX_SETUP)
     t_setup = time.perf_counter() - t0 - t_read
     model = gim_scvi.GIM(adata)
     timer = EpochTimer()

@@ -54,6 +54,22 @@ class FeatureRows:
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
+def zero_rows(features, chunk_size: int = 65_536) -> np.ndarray:
+    """Boolean mask of the all-zero rows of a dense or sparse matrix, read in chunks."""
+    if isinstance(features, pd.DataFrame):
+        features = features.to_numpy()
+    if sp.issparse(features):
+        return np.asarray(features.getnnz(axis=1) == 0).reshape(-1)
+    features = np.asarray(features)
+    return np.concatenate(
+        [np.zeros(0, dtype=bool)]
+        + [
+            ~np.any(features[i : i + chunk_size] != 0, axis=1)
+            for i in range(0, features.shape[0], chunk_size)
+        ]
+    )
+
+
 def feature_rows(features, chunk_size: int = 65_536) -> FeatureRows:
     """Distinct rows of a dense or sparse ``cells x P`` matrix, read in chunks.
 

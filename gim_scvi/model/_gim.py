@@ -31,7 +31,7 @@ from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
 from gim_scvi._utils import context_labels
 from gim_scvi.model import _validation as check
 from gim_scvi.model._checkpoint import prepare_checkpointing, split_fingerprint
-from gim_scvi.model._features import FeatureRows, feature_rows
+from gim_scvi.model._features import FeatureRows, feature_rows, zero_rows
 from gim_scvi.model._trainingplan import GIMTrainingPlan
 from gim_scvi.module import GIMModule
 
@@ -170,7 +170,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             (batch_key, "batch_key"),
         ]:
             check.check_obs_key(adata, key, name)
-        control = _zero_rows(features)
+        control = zero_rows(features)
         if control_key is not None:
             control |= check.control_flags(adata, control_key)
         if dose_key is not None:
@@ -217,7 +217,10 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         return feature_rows(adata.obsm[self._setup_arg("features_key")])
 
     def _control_mask(self, adata: AnnData, features: FeatureRows | None = None) -> np.ndarray:
-        control = (self._features(adata) if features is None else features).zero_rows()
+        if features is None:  # the mask alone needs no distinct rows
+            control = zero_rows(adata.obsm[self._setup_arg("features_key")])
+        else:
+            control = features.zero_rows()
         if self._setup_arg("control_key") is not None:
             control |= check.control_flags(adata, self._setup_arg("control_key"))
         return control
@@ -241,11 +244,14 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         mapping = [str(c) for c in self.get_state_registry(KEYS.BATCH_KEY).categorical_mapping]
         return _codes(adata.obs[key], mapping, "batch", key)
 
-    def _perturbation_names(self, adata: AnnData) -> np.ndarray:
+    def _perturbation_names(
+        self, adata: AnnData, features: FeatureRows | None = None
+    ) -> np.ndarray:
         key = self._setup_arg("perturbation_key")
         if key is not None:
             return adata.obs[key].astype(str).to_numpy()
-        return np.char.add("perturbation_", self._features(adata).inverse.astype(str))
+        features = self._features(adata) if features is None else features
+        return np.char.add("perturbation_", features.inverse.astype(str))
 
     def align_genes(self, adata: AnnData) -> AnnData:
         """Return ``adata`` with the model's genes in the model's order.
@@ -576,7 +582,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         out = self.module.intervention(
             flat_feat, flat_dose, flat_line, mode=mode, generator=generator
         )
-        active = torch.as_tensor(~_zero_rows(features.reshape(n * m, p)), device=device).float()[
+        active = torch.as_tensor(~zero_rows(features.reshape(n * m, p)), device=device).float()[
             :, None
         ]
 
@@ -789,7 +795,6 @@ batch_size
                 for k, i in enumerate(which):
                     # each (condition, line) has its own random stream: chunking changes nothing
                     block_seed = _derived_seed(plan["seed"], j, int(i))
-                    torch.manual_seed(block_seed)  # the likelihood's draws
                     rng = np.random.default_rng(block_seed)
                     pick = _choose(len(pool["source"]), plan["n_cells"], rng)
                     if shared is None:
@@ -812,6 +817,7 @@ batch_size
                         "inputs": (shift, log_scale, code, pick),
                     }
                     if plan["sample_counts"]:  # the draws need the block's own random stream
+                        torch.manual_seed(block_seed)  # the likelihood samples from it
                         block |= self._predict_block(
                             shift,
                             log_scale,
@@ -1039,7 +1045,7 @@ batch_size
         treated = ~self._control_mask(adata, features)
         frame = pd.DataFrame(
             {
-                "condition": self._perturbation_names(adata)[treated],
+                "condition": self._perturbation_names(adata, features)[treated],
                 "cell_line": np.asarray(self.cell_lines)[self._cell_line_codes(adata)[treated]],
                 "row": np.flatnonzero(treated),
             }
@@ -1196,12 +1202,6 @@ def _saved_version(dir_path: Path) -> str:
     except (OSError, RuntimeError, ValueError):
         return "unknown"
     return str(saved.get("attr_dict", {}).get("gim_version_", "unknown (before 0.1.0)"))
-
-
-def _zero_rows(features) -> np.ndarray:
-    if sp.issparse(features):
-        return np.asarray(features.getnnz(axis=1) == 0).reshape(-1)
-    return ~np.asarray(features != 0).any(axis=1)
 
 
 def _codes(values: pd.Series, mapping: list[str], what: str, key: str) -> np.ndarray:

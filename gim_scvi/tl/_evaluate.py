@@ -159,7 +159,7 @@ def evaluate(
     train = (split == train_split) & ~is_control
     if not held.any():
         raise ValueError(f"No perturbed cell has adata.obs[{split_key!r}] == {heldout!r}.")
-    names = model._perturbation_names(adata)
+    names = model._perturbation_names(adata, features)
     doses = model._doses(adata)
     doses = doses if doses is not None else np.ones(adata.n_obs, np.float32)
     lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
