@@ -321,7 +321,8 @@ def test_generator_weight_decay_and_lr_schedule(small_adata):
     plan = gim_scvi.model.GIMTrainingPlan(model.module, generator_weight_decay=0.05)
     groups = plan.configure_optimizers()["optimizer"].param_groups
     assert [g["weight_decay"] for g in groups] == [plan.weight_decay, 0.05]
-    n_generator = sum(1 for _ in model.module.generator.parameters())
+    module = model.module
+    n_generator = sum(1 for _ in module.joint_generator.parameters())
     assert len(groups[1]["params"]) == n_generator
 
 

@@ -35,7 +35,7 @@ def test_shapes_and_loss_terms():
     assert torch.isfinite(loss.loss)
     assert loss.reconstruction_loss["reconstruction_loss"].shape == (12,)
     loss.loss.backward()
-    assert module.generator.heads.weight.grad is not None
+    assert module.joint_generator.members[0].heads.weight.grad is not None
     assert module.scm.weight_raw.grad is not None
 
 

@@ -93,7 +93,10 @@ class GIMTrainingPlan(TrainingPlan):
 
     def configure_optimizers(self):
         """Adam with a separate weight decay for the intervention generator."""
-        generator_params = [p for p in self.module.generator.parameters() if p.requires_grad]
+        generators = [self.module.joint_generator, self.module.generator]
+        generator_params = [
+            p for net in generators if net is not None for p in net.parameters() if p.requires_grad
+        ]
         generator_ids = {id(p) for p in generator_params}
         other_params = [
             p for p in self.module.parameters() if p.requires_grad and id(p) not in generator_ids

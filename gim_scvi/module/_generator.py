@@ -60,10 +60,14 @@ def bernoulli_kl(logits: torch.Tensor, prior_prob: float) -> torch.Tensor:
 
 
 class InterventionGenerator(nn.Module):
-    """MLP ``h(features, cell line) -> (target logits, shifts, dose response)`` per program.
+    """Map ``h(features, cell line) -> (target logits, shifts, dose response)`` per program.
 
     The features pass through a linear bottleneck (shared low-rank structure across
-    perturbations), then an MLP with dropout that also sees the cell line.
+    perturbations). With ``n_layers=0`` (the default) the heads read the bottleneck directly
+    and each cell line adds its own offset: the intervention parameters are a low-rank linear
+    function of the features, which extrapolates to unseen perturbations better than an MLP
+    when only a few hundred perturbations are seen. With ``n_layers >= 1`` an MLP with
+    dropout, which also sees the cell line, sits between bottleneck and heads.
 
     Parameters
     ----------
@@ -76,9 +80,9 @@ class InterventionGenerator(nn.Module):
     n_bottleneck
         Width of the linear feature bottleneck.
     n_hidden
-        Width of the hidden layers.
+        Width of the hidden layers (``n_layers >= 1``).
     n_layers
-        Number of hidden layers.
+        Number of hidden layers; 0 for the linear map.
     dropout_rate
         Dropout on the bottleneck and hidden layers.
     scale_intervention
@@ -90,33 +94,49 @@ class InterventionGenerator(nn.Module):
         n_features: int,
         n_programs: int,
         n_cell_lines: int = 1,
-        n_bottleneck: int = 64,
+        n_bottleneck: int = 16,
         n_hidden: int = 128,
-        n_layers: int = 1,
-        dropout_rate: float = 0.2,
+        n_layers: int = 0,
+        dropout_rate: float = 0.0,
         scale_intervention: bool = False,
     ):
         super().__init__()
         self.n_programs = n_programs
         self.scale_intervention = scale_intervention
+        n_heads = 5 if scale_intervention else 4
         self.bottleneck = nn.Sequential(
             nn.Linear(n_features, n_bottleneck), nn.Dropout(dropout_rate)
         )
-        self.mlp = FCLayers(
-            n_in=n_bottleneck,
-            n_out=n_hidden,
-            n_cat_list=[n_cell_lines] if n_cell_lines > 1 else None,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
-            use_batch_norm=False,
-            use_layer_norm=True,
-        )
-        n_heads = 5 if scale_intervention else 4
-        self.heads = nn.Linear(n_hidden, n_heads * n_programs)
+        self.mlp = None
+        self.line_offset = None
+        n_head_in = n_bottleneck
+        if n_layers > 0:
+            self.mlp = FCLayers(
+                n_in=n_bottleneck,
+                n_out=n_hidden,
+                n_cat_list=[n_cell_lines] if n_cell_lines > 1 else None,
+                n_layers=n_layers,
+                n_hidden=n_hidden,
+                dropout_rate=dropout_rate,
+                use_batch_norm=False,
+                use_layer_norm=True,
+            )
+            n_head_in = n_hidden
+        elif n_cell_lines > 1:
+            self.line_offset = nn.Embedding(n_cell_lines, n_heads * n_programs)
+        self.heads = nn.Linear(n_head_in, n_heads * n_programs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh random weights; the heads start small (interventions start near zero)."""
+        for layer in self.modules():
+            if layer is not self and hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
         with torch.no_grad():
             self.heads.weight.mul_(0.1)
             self.heads.bias.zero_()
+            if self.line_offset is not None:
+                self.line_offset.weight.zero_()
 
     def forward(self, features: torch.Tensor, cell_line: torch.Tensor) -> InterventionParams:
         """Intervention parameters for ``n_contexts`` rows of standardised features.
@@ -128,8 +148,13 @@ class InterventionGenerator(nn.Module):
         cell_line
             ``n_contexts x 1`` integer cell-line codes.
         """
-        hidden = self.mlp(self.bottleneck(features), cell_line)
-        out = self.heads(hidden).view(features.shape[0], -1, self.n_programs)
+        hidden = self.bottleneck(features)
+        if self.mlp is not None:
+            hidden = self.mlp(hidden, cell_line)
+        out = self.heads(hidden)
+        if self.line_offset is not None:
+            out = out + self.line_offset(cell_line.view(-1))
+        out = out.view(features.shape[0], -1, self.n_programs)
         return InterventionParams(
             target_logits=out[:, 0],
             shift=out[:, 1],
@@ -145,10 +170,49 @@ class InterventionGenerator(nn.Module):
         Parameters
         ----------
         params
-            Output of :meth:`forward`.
+            Output of :meth:`forward` (any leading shape).
         log_dose
             ``n_contexts x 1`` standardised log dose, or ``None``.
         """
         if log_dose is None:
             return torch.ones_like(params.shift)
         return torch.sigmoid(params.slope * (log_dose - params.log_ec50))
+
+
+class GeneratorEnsemble(nn.Module):
+    """Several :class:`InterventionGenerator` members whose interventions are averaged.
+
+    The intervention distribution of a perturbation is the equal-weight mixture of the
+    members' distributions: its expected shift is the members' mean, and a draw picks a member
+    and then that member's targets. Members trained from different starting points disagree
+    where the training perturbations say little (unseen drugs far from the seen ones), so the
+    mixture hedges there and its spread is a measure of that uncertainty.
+
+    Parameters
+    ----------
+    n_members
+        Number of members.
+    **kwargs
+        Passed to every :class:`InterventionGenerator`.
+    """
+
+    def __init__(self, n_members: int = 1, **kwargs):
+        super().__init__()
+        if n_members < 1:
+            raise ValueError(f"n_members must be at least 1, got {n_members}.")
+        self.members = nn.ModuleList(InterventionGenerator(**kwargs) for _ in range(n_members))
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def forward(self, features: torch.Tensor, cell_line: torch.Tensor) -> InterventionParams:
+        """Every member's parameters, stacked: each field is ``n_members x n_contexts x K``."""
+        outs = [member(features, cell_line) for member in self.members]
+        return InterventionParams(
+            *(
+                None if fields[0] is None else torch.stack(fields)
+                for fields in zip(*outs, strict=True)
+            )
+        )
+
+    dose_response = staticmethod(InterventionGenerator.dose_response)

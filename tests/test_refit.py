@@ -1,0 +1,149 @@
+"""The generator ensemble and its second training stage (refit on encoded conditions)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+
+import gim_scvi
+from gim_scvi.model._refit import ContextResiduals, context_residuals, refit_generator
+from gim_scvi.module import GIMModule
+from tests.conftest import make_small, setup
+
+
+def _known_contexts(module: GIMModule) -> tuple[ContextResiduals, np.ndarray]:
+    """Two drugs at two doses: drug A moves program 0 up, drug B program 2 down."""
+    feats = np.array([[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0]] * 2, dtype=np.float32)
+    dose = np.array([[1000.0], [1000.0], [10000.0], [10000.0]], dtype=np.float32)
+    truth = np.array([[2.0, 0, 0], [0, 0, -2.0], [2.0, 0, 0], [0, 0, -2.0]])
+    module.feature_mean.zero_()
+    module.log_dose_center.fill_(float(np.log(100.0)))
+    contexts = ContextResiduals(
+        features=feats,
+        dose=dose,
+        cell_line=np.zeros((4, 1), dtype=np.int64),
+        mean=truth,
+        second_moment=truth**2 + 0.01,
+        n_cells=np.full(4, 50.0),
+        basal_mean=np.zeros((1, 3)),
+        exogenous_sd=np.ones(3),
+    )
+    return contexts, truth
+
+
+def test_refit_recovers_known_shifts_and_sparse_targets():
+    torch.manual_seed(0)
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=3)
+    module.temperature = 0.2
+    contexts, truth = _known_contexts(module)
+    assert module.active_generator is module.joint_generator
+    losses = refit_generator(module, contexts, n_steps=400, lr=1e-2, weight_decay=0.0)
+    assert len(losses) == 3
+    assert module.active_generator is module.generator
+    module.eval()
+    out = module.intervention(
+        torch.tensor(contexts.features),
+        torch.tensor(contexts.dose),
+        torch.zeros(4, 1, dtype=torch.long),
+        mode="mean",
+    )
+    np.testing.assert_allclose(out["shift"].detach().numpy(), truth, atol=0.4)
+    probs = out["target_probs"].detach().numpy()
+    assert (probs[truth != 0] > 0.5).all() and (probs[truth == 0] < 0.5).all()
+
+
+def test_refit_is_reproducible_and_changes_only_the_generator():
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=2)
+    module.temperature = 0.2
+    contexts, _ = _known_contexts(module)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    first = refit_generator(module, contexts, n_steps=20, seed=4)
+    after_first = {k: v.clone() for k, v in module.state_dict().items()}
+    assert refit_generator(module, contexts, n_steps=20, seed=4) == first
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, after_first[key])  # same seed, same members
+        if not key.startswith("generator.") and key != "ensemble_fitted":
+            assert torch.equal(value, before[key])
+    # members start from different points, so they differ
+    a, b = module.generator.members
+    assert not torch.equal(a.heads.weight, b.heads.weight)
+
+
+def test_sample_mode_draws_one_member_per_row():
+    torch.manual_seed(0)
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=2)
+    with torch.no_grad():
+        for i, member in enumerate(module.generator.members):
+            member.heads.bias.zero_()
+            member.heads.weight.zero_()
+            member.heads.bias[:3].fill_(20.0)  # every target on
+            member.heads.bias[3:6].fill_(1.0 + 2.0 * i)  # member shifts 1 and 3
+            member.heads.bias[6:9].fill_(-20.0)  # dose response saturated
+    module.ensemble_fitted.fill_(True)
+    module.eval()
+    feats = torch.ones(400, 5)
+    args = (feats, torch.full((400, 1), 100.0), torch.zeros(400, 1, dtype=torch.long))
+    sample = module.intervention(*args, mode="sample", generator=torch.Generator().manual_seed(0))
+    values = torch.unique(sample["shift"].round(decimals=3))
+    assert set(values.tolist()) == {1.0, 3.0}
+    mean = module.intervention(*args, mode="mean")
+    assert torch.allclose(mean["shift"], torch.full_like(mean["shift"], 2.0), atol=1e-3)
+
+
+def test_context_residuals_match_encoded_training_cells():
+    scvi.settings.seed = 0
+    adata = setup(make_small())
+    model = gim_scvi.GIM(adata, n_programs=3)
+    model.train(
+        max_epochs=1,
+        split_key="split",
+        batch_size=64,
+        enable_progress_bar=False,
+        generator_refit_steps=0,
+    )
+    train = np.flatnonzero(adata.obs["split"].to_numpy() == "train")
+    contexts = context_residuals(model, train)
+    obs = adata.obs.iloc[train]
+    treated = ~obs["control"].to_numpy()
+    groups = obs[treated].groupby(["condition", "dose", "cell_line"], observed=True)
+    assert len(contexts.n_cells) == groups.ngroups
+    assert contexts.n_cells.sum() == treated.sum()
+    # one context by hand: mean of z A - mu_line over its cells
+    (_drug, dose, line), frame = next(iter(groups))
+    cells = np.flatnonzero(adata.obs_names.isin(frame.index))
+    z = model.get_latent_representation(indices=cells)
+    system = model.module.scm.system_matrix().detach().numpy()
+    line_code = model.cell_lines.index(line)
+    controls = np.flatnonzero(
+        adata.obs["control"].to_numpy() & (adata.obs["cell_line"] == line).to_numpy()
+    )
+    basal = (model.get_latent_representation(indices=controls) @ system).mean(0)
+    np.testing.assert_allclose(contexts.basal_mean[line_code], basal, rtol=1e-4, atol=1e-4)
+    expected = (z @ system - basal).mean(0)
+    feats = adata.obsm["drug_features"][cells[0]]
+    row = np.flatnonzero(
+        (contexts.features == feats).all(1)
+        & (contexts.dose[:, 0] == dose)
+        & (contexts.cell_line[:, 0] == line_code)
+    )
+    assert len(row) == 1
+    np.testing.assert_allclose(contexts.mean[row[0]], expected, rtol=1e-4, atol=1e-4)
+    assert (contexts.second_moment >= contexts.mean**2 - 1e-9).all()
+
+
+def test_train_refits_generator_and_checks_kwargs():
+    scvi.settings.seed = 0
+    adata = setup(make_small())
+    model = gim_scvi.GIM(adata, n_programs=3, n_generators=2)
+    kwargs = dict(max_epochs=1, split_key="split", batch_size=64, enable_progress_bar=False)
+    with pytest.raises(TypeError, match="generator_refit_kwargs"):
+        model.train(**kwargs, generator_refit_kwargs={"steps": 3})
+    model.train(**kwargs, generator_refit_steps=30)
+    assert len(model.train_params_["generator_refit_loss"]) == 2
+    assert model.train_params_["generator_refit_steps"] == 30
+    assert not model.module.training
+    assert model.module.active_generator is model.module.generator
+    targets = model.get_intervention_targets()
+    assert isinstance(targets, pd.DataFrame)
+    assert ((targets.to_numpy() >= 0) & (targets.to_numpy() <= 1)).all()
