@@ -29,7 +29,12 @@ BASELINES = ("control_mean", "mean_shift", "nearest_drug", "ridge")
 
 
 def run(
-    seed: int, epochs: int, model_kwargs: dict, split: str = "drug", dose: float = 1000.0
+    seed: int,
+    epochs: int,
+    model_kwargs: dict,
+    split: str = "drug",
+    dose: float = 1000.0,
+    train_kwargs: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     scvi.settings.seed = seed
     adata = gim_scvi.data.synthetic(seed=seed)
@@ -53,6 +58,7 @@ def run(
         split_key=split_key,
         validation_split=validation,
         enable_progress_bar=False,
+        **(train_kwargs or {}),
     )
     train_s = time.perf_counter() - start
     scores = gim_scvi.tl.evaluate(
@@ -73,6 +79,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--model-kwargs", default="{}", help="JSON dict for gim_scvi.GIM")
+    parser.add_argument("--train-kwargs", default="{}", help="JSON dict for GIM.train")
+    parser.add_argument("--suffix", default="", help="appended to the CSV file names")
     parser.add_argument(
         "--split", choices=["drug", "dose"], default="drug", help="hold out drugs or one dose"
     )
@@ -85,7 +93,12 @@ def main() -> None:
     summaries, recoveries = [], []
     for seed in args.seeds:
         summary, recovery = run(
-            seed, args.epochs, json.loads(args.model_kwargs), args.split, args.dose
+            seed,
+            args.epochs,
+            json.loads(args.model_kwargs),
+            args.split,
+            args.dose,
+            json.loads(args.train_kwargs),
         )
         summaries.append(summary)
         recoveries.append(recovery)
@@ -103,7 +116,7 @@ def main() -> None:
     ]
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(recovery.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    suffix = "" if args.split == "drug" else "_dose"
+    suffix = ("" if args.split == "drug" else "_dose") + args.suffix
     summary.to_csv(out / f"heldout_summary{suffix}.csv", index=False)
     recovery.to_csv(out / f"recovery{suffix}.csv", index=False)
 
