@@ -249,8 +249,11 @@ class GIMModule(BaseModuleClass):
                 generator=generator,
             )
         elif mode == "sample":
-            pick = torch.randint(n_members, (n_rows,), generator=generator, device=probs.device)
-            weight = torch.nn.functional.one_hot(pick, n_members).T[..., None].to(probs.dtype)
+            if n_members > 1:  # one member per row (a single generator draws nothing here)
+                pick = torch.randint(
+                    n_members, (n_rows,), generator=generator, device=probs.device
+                )
+                weight = torch.nn.functional.one_hot(pick, n_members).T[..., None].to(probs.dtype)
             targets = torch.bernoulli(probs, generator=generator)
         elif mode == "mean":
             targets = probs
