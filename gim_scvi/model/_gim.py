@@ -437,7 +437,6 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         losses = refit_generator(
             self.module, contexts, n_steps=n_steps, seed=scvi.settings.seed or 0, **kwargs
         )
-        self.module.eval()
         self.train_params_["generator_refit_loss"] = [round(v, 4) for v in losses]
         logger.info(
             "Generator refit on %d training conditions: %d member(s), final loss %s.",

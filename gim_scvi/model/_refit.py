@@ -182,8 +182,7 @@ def refit_generator(
     mean = tensor(contexts.mean)
     second = tensor(contexts.second_moment)
     n_cells = tensor(contexts.n_cells)
-    with torch.no_grad():
-        log_sd = module.log_exogenous_scale.detach().clone()
+    log_sd = module.log_exogenous_scale.detach().clone()
     losses = []
     for i, member in enumerate(module.generator.members):
         with torch.random.fork_rng(devices=[]):
