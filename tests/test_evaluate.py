@@ -1,8 +1,10 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 import gim_scvi
 from gim_scvi.tl._baselines import (
+    Additive,
     MeanShift,
     NearestDose,
     NearestDrug,
@@ -61,6 +63,54 @@ def test_nearest_dose_baseline():
     # a perturbation never seen falls back to the most similar one
     near = NearestDose().fit(t).predict_delta(np.array([0.9, 0.1]), 10.0, "B")
     assert np.allclose(near, np.array([1.0, 0.0, 2.0]) + 0.5 * np.log(10.0))
+
+
+def test_additive_baseline_sums_the_parts_shifts():
+    t = _profiles()
+    parts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    expected = (parts @ b_true()).sum(0) + 2 * 0.5 * np.log(1000.0)
+    additive = Additive().fit(t)
+    assert np.allclose(additive.predict_delta(parts, 1000.0, "A"), expected)
+    # 500 nM: each part at its nearest training dose (1000 nM on the log scale)
+    assert np.allclose(additive.predict_delta(parts, 500.0, "B"), expected)
+    # a part never trained on falls back to its most similar training drug
+    unseen = np.array([[1.0, 0.0], [0.1, 0.9]])
+    assert np.allclose(additive.predict_delta(unseen, 1000.0, "A"), expected)
+
+
+def test_evaluate_combinations(trained, monkeypatch):
+    model, adata = trained
+    combo = setup(make_small(n_combinations=2))
+    truth = combo.uns["ground_truth"]["combinations"]
+    asked = {}
+    predict = model.predict
+
+    def spy(*args, **kwargs):
+        asked.update(kwargs)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(model, "predict", spy)
+    kw = dict(n_cells=20, n_degs=10, n_pcs=5, energy_cells=30)
+    res = gim_scvi.tl.evaluate(model, combo, heldout="combo", **kw)
+    assert set(res["condition"]) == set(truth.index)
+    assert set(res["method"]) == {"GIM", "control_mean", "mean_shift", "additive"}
+    # 2 combinations x 2 doses x 2 lines, 4 methods each
+    assert len(res) == 2 * 2 * 2 * 4
+    # the model composes the parts' own features, not the summed row of .obsm
+    features = asked["features"]
+    assert features.shape[1] == 2
+    first = list(asked["conditions"]).index(truth.index[0])
+    names = combo.obs["condition"].astype(str).to_numpy()
+    for j, part in enumerate(truth.iloc[0]):
+        own = combo.obsm["drug_features"][np.flatnonzero(names == part)[0]]
+        assert np.allclose(features[first, j], own)
+    # combination cells change nothing in the scoring of the single held-out drugs
+    monkeypatch.undo()
+    single = gim_scvi.tl.evaluate(model, adata, **kw)
+    with_combos = gim_scvi.tl.evaluate(model, combo, **kw)
+    pd.testing.assert_frame_equal(single, with_combos)
+    recovery = gim_scvi.tl.ground_truth_recovery(model, combo)
+    assert recovery == gim_scvi.tl.ground_truth_recovery(model, adata)
 
 
 def test_dose_holdout_split():

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 import gim_scvi
@@ -53,3 +54,26 @@ def test_seeded_and_realistic_library():
     )
     lib = np.asarray(big.X.sum(axis=1)).ravel()
     assert 1500 < np.median(lib) < 6000
+
+
+def test_combinations_of_training_drugs():
+    single = make_small()
+    adata = make_small(n_combinations=3)
+    n = single.n_obs
+    # the single drugs' cells are the same as without combinations
+    assert (adata.X[:n] != single.X).nnz == 0
+    assert np.array_equal(adata.obsm["drug_features"][:n], single.obsm["drug_features"])
+    combos = adata.uns["ground_truth"]["combinations"]
+    drugs = adata.uns["ground_truth"]["drugs"]
+    assert len(combos) == 3 and (drugs.loc[combos.to_numpy().ravel(), "split"] == "train").all()
+    obs = adata.obs.iloc[n:]
+    assert (obs["split"] == "combo").all() and not obs["control"].any()
+    assert set(obs["condition"]) == set(combos.index)
+    assert obs.groupby("condition", observed=True).size().eq(2 * 2 * 6).all()
+    names = adata.obs["condition"].astype(str).to_numpy()
+    feats = adata.obsm["drug_features"]
+    for name, (a, b) in combos.iterrows():
+        row = feats[np.flatnonzero(names == name)[0]]
+        assert np.allclose(row, feats[names == a][0] + feats[names == b][0])
+    with pytest.raises(ValueError, match="n_combinations=100 exceeds"):
+        make_small(n_combinations=100)

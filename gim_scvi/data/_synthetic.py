@@ -66,6 +66,27 @@ def _drug_mechanisms(
     }
 
 
+def _drug_shift(mech: dict, drug: np.ndarray, dose: np.ndarray) -> np.ndarray:
+    """Shift ``a`` of each row's drug at its dose (Hill dose response)."""
+    hill = mech["hill"][drug]
+    ec50 = 10.0 ** mech["log10_ec50"][drug]
+    response = dose**hill / (dose**hill + ec50**hill)
+    return mech["shifts"][drug] * response[:, None]
+
+
+def _training_pairs(split_of_drug: np.ndarray, n_pairs: int, rng: np.random.Generator):
+    """``n_pairs`` distinct unordered pairs of training drugs (indices, smaller first)."""
+    train = np.flatnonzero(split_of_drug == "train")
+    a, b = np.triu_indices(len(train), k=1)
+    if n_pairs > len(a):
+        raise ValueError(
+            f"n_combinations={n_pairs} exceeds the {len(a)} pairs of the {len(train)} "
+            "training drugs."
+        )
+    pick = np.sort(rng.choice(len(a), size=n_pairs, replace=False))
+    return np.stack([train[a[pick]], train[b[pick]]], axis=1)
+
+
 def _sample_counts(
     mean_fn, n_cells: int, theta: np.ndarray, rng: np.random.Generator, chunk: int
 ) -> sp.csr_matrix:
@@ -97,6 +118,7 @@ def synthetic(
     inert_fraction: float = 0.15,
     library_median: float = 3000.0,
     feature_noise: float = 0.3,
+    n_combinations: int = 0,
     seed: int = 0,
     chunk_size: int = 20000,
 ) -> AnnData:
@@ -144,6 +166,13 @@ def synthetic(
         Median library size (UMI per cell); library sizes are log-normal.
     feature_noise
         Noise added to the features (relative to their signal).
+    n_combinations
+        Pairs of training drugs also applied together, at every dose (both drugs at that
+        dose) and line, with ``split == "combo"`` and condition ``"drug_a+drug_b"``; their
+        shifts add up in the latent model. Their ``drug_features`` row is the sum of the two
+        drugs' features (so it is not a control row); score them with
+        :func:`gim_scvi.tl.evaluate`, which composes the components' interventions. The
+        single-drug cells are the same as without combinations.
     seed
         Random seed.
     chunk_size
@@ -155,8 +184,8 @@ def synthetic(
         Integer counts (CSR) in ``.X``; ``.obs`` columns ``condition``, ``cell_line``,
         ``dose``, ``control``, ``split``; ``.obsm["drug_features"]`` (zeros for controls);
         ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``drugs`` (EC50, Hill slope,
-        inert flag and split per drug), ``dag``, ``loadings``, ``basal_means`` and
-        ``drug_features``.
+        inert flag and split per drug), ``dag``, ``loadings``, ``basal_means``,
+        ``drug_features`` and, with combinations, ``combinations`` (their components).
     """
     if n_heldout_drugs + n_validation_drugs >= n_drugs:
         raise ValueError("n_heldout_drugs + n_validation_drugs must be smaller than n_drugs.")
@@ -189,12 +218,18 @@ def synthetic(
         exogenous_sd=exogenous_sd,
         library_median=library_median,
         chunk_size=chunk_size,
+        n_combinations=n_combinations,
     )
-    treated = ~adata.obs["control"].to_numpy()
-    codes = adata.obs["condition"].cat.codes.to_numpy() - 1  # "control" is category 0
-    features = np.zeros((adata.n_obs, n_features), dtype=np.float32)
-    features[treated] = drug_features[codes[treated]]
-    adata.obsm["drug_features"] = features
+    # "control" is category 0, the drugs follow, then any combinations (sum of components)
+    categories = adata.obs["condition"].cat.categories[1:]
+    table = np.zeros((len(categories) + 1, n_features), dtype=np.float32)
+    table[1 : n_drugs + 1] = drug_features
+    pairs = adata.uns["ground_truth"].get("combinations")
+    if pairs is not None:
+        position = {d: i for i, d in enumerate(drugs)}
+        for i, parts in enumerate(pairs.to_numpy()):
+            table[n_drugs + 1 + i] = sum(drug_features[position[d]] for d in parts)
+    adata.obsm["drug_features"] = table[adata.obs["condition"].cat.codes.to_numpy()]
     adata.uns["ground_truth"]["drug_features"] = pd.DataFrame(
         drug_features, index=drugs, columns=[f"feature_{j}" for j in range(n_features)]
     )
@@ -216,13 +251,17 @@ def simulate_screen(
     exogenous_sd: float,
     library_median: float,
     chunk_size: int,
+    n_combinations: int = 0,
 ) -> tuple[AnnData, np.ndarray]:
     """Counts of every drug x dose x line (and controls) from a random latent causal model.
 
     ``make_drugs(rng)`` returns the drugs' mechanisms (see ``_drug_mechanisms``), their split
-    labels and their feature table; it is called after the causal model is drawn. Returns the
-    AnnData (obs ``condition``, ``cell_line``, ``dose``, ``control``, ``split``; ground truth
-    in ``.uns``) and the feature table.
+    labels and their feature table; it is called after the causal model is drawn. With
+    ``n_combinations``, pairs of training drugs are also applied together (both at each dose;
+    shifts add up), named ``"drug_a+drug_b"`` with split ``"combo"``, after the single drugs
+    and from a random stream of their own. Returns the AnnData (obs ``condition``,
+    ``cell_line``, ``dose``, ``control``, ``split``; ground truth in ``.uns``) and the feature
+    table.
     """
     n_cell_lines = len(lines)
     dag = random_dag(n_programs, edge_prob, rng)
@@ -260,37 +299,63 @@ def simulate_screen(
     n_cells = drug_idx.size
     treated = drug_idx >= 0
 
-    response = np.zeros(n_cells)
-    d_t = drug_idx[treated]
-    hill = mech["hill"][d_t]
-    ec50 = 10.0 ** mech["log10_ec50"][d_t]
-    response[treated] = dose_val[treated] ** hill / (dose_val[treated] ** hill + ec50**hill)
     shift = np.zeros((n_cells, n_programs))
-    shift[treated] = mech["shifts"][d_t] * response[treated, None]
-    exogenous = basal_means[line_idx] + exogenous_sd * rng.normal(size=(n_cells, n_programs))
-    programs = (exogenous + shift) @ solve
-    log_library = np.log(library_median) + 0.4 * rng.normal(size=n_cells)
+    shift[treated] = _drug_shift(mech, drug_idx[treated], dose_val[treated])
 
-    def mean_fn(start: int, stop: int) -> np.ndarray:
-        logits = programs[start:stop] @ loadings.T + gene_base + line_bias[line_idx[start:stop]]
-        logits -= logits.max(axis=1, keepdims=True)
-        scale = np.exp(logits)
-        scale /= scale.sum(axis=1, keepdims=True)
-        return np.exp(log_library[start:stop, None]) * scale
+    def simulate_counts(shift: np.ndarray, line_idx: np.ndarray, rng: np.random.Generator):
+        n = len(line_idx)
+        exogenous = basal_means[line_idx] + exogenous_sd * rng.normal(size=(n, n_programs))
+        programs = (exogenous + shift) @ solve
+        log_library = np.log(library_median) + 0.4 * rng.normal(size=n)
 
-    counts = _sample_counts(mean_fn, n_cells, theta, rng, chunk_size)
+        def mean_fn(start: int, stop: int) -> np.ndarray:
+            logits = (
+                programs[start:stop] @ loadings.T + gene_base + line_bias[line_idx[start:stop]]
+            )
+            logits -= logits.max(axis=1, keepdims=True)
+            scale = np.exp(logits)
+            scale /= scale.sum(axis=1, keepdims=True)
+            return np.exp(log_library[start:stop, None]) * scale
 
+        return _sample_counts(mean_fn, n, theta, rng, chunk_size)
+
+    counts = simulate_counts(shift, line_idx, rng)
     condition = np.where(
         treated, np.asarray(drugs, dtype=object)[np.maximum(drug_idx, 0)], "control"
     )
     split = np.where(treated, split_of_drug[np.maximum(drug_idx, 0)], "train")
+    dose_val = dose_val.astype(np.float32)
+    combination_names: list[str] = []
+    if n_combinations > 0:  # own random stream: the single-drug cells stay as without them
+        combo_rng = np.random.default_rng(rng.integers(2**63))
+        pairs = _training_pairs(split_of_drug, n_combinations, combo_rng)
+        combination_names = [f"{drugs[a]}+{drugs[b]}" for a, b in pairs]
+        grid_combo, grid_dose, grid_line = np.meshgrid(
+            np.arange(len(pairs)), doses, np.arange(n_cell_lines), indexing="ij"
+        )
+        combo_idx = np.repeat(grid_combo.ravel(), cells_per_condition)
+        combo_dose = np.repeat(grid_dose.ravel(), cells_per_condition)
+        combo_line = np.repeat(grid_line.ravel(), cells_per_condition)
+        combo_shift = sum(
+            _drug_shift(mech, pairs[combo_idx, j], combo_dose) for j in range(pairs.shape[1])
+        )
+        counts = sp.vstack([counts, simulate_counts(combo_shift, combo_line, combo_rng)]).tocsr()
+        condition = np.concatenate([condition, np.asarray(combination_names)[combo_idx]])
+        split = np.concatenate([split, np.full(len(combo_idx), "combo", dtype=object)])
+        dose_val = np.concatenate([dose_val, combo_dose.astype(np.float32)])
+        line_idx = np.concatenate([line_idx, combo_line])
+        treated = np.concatenate([treated, np.ones(len(combo_idx), bool)])
+        n_cells = len(condition)
+    split_names = ["train", "valid", "test"] + (["combo"] if combination_names else [])
     obs = pd.DataFrame(
         {
-            "condition": pd.Categorical(condition, categories=["control", *drugs]),
+            "condition": pd.Categorical(
+                condition, categories=["control", *drugs, *combination_names]
+            ),
             "cell_line": pd.Categorical(np.asarray(lines)[line_idx], categories=lines),
-            "dose": dose_val.astype(np.float32),
+            "dose": dose_val,
             "control": ~treated,
-            "split": pd.Categorical(split, categories=["train", "valid", "test"]),
+            "split": pd.Categorical(split, categories=split_names),
         },
         index=[f"cell_{i}" for i in range(n_cells)],
     )
@@ -315,4 +380,10 @@ def simulate_screen(
         "basal_means": pd.DataFrame(basal_means, index=lines, columns=program_names),
         "params": {"exogenous_sd": exogenous_sd, "doses": doses.tolist()},
     }
+    if combination_names:
+        adata.uns["ground_truth"]["combinations"] = pd.DataFrame(
+            np.asarray(drugs, dtype=object)[pairs],
+            index=combination_names,
+            columns=[f"component_{j + 1}" for j in range(pairs.shape[1])],
+        )
     return adata, drug_features

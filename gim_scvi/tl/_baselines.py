@@ -39,9 +39,14 @@ class TrainingProfiles:
 
 
 class Baseline:
-    """A baseline: ``fit`` on training profiles, ``predict_delta`` for new conditions."""
+    """A baseline: ``fit`` on training profiles, ``predict_delta`` for new conditions.
+
+    ``kinds`` says what it predicts: ``"single"`` perturbations (``features`` is one row of
+    ``P``) and/or ``"combination"`` (``features`` is ``n_components x P``).
+    """
 
     name = "baseline"
+    kinds: tuple[str, ...] = ("single",)
 
     def fit(self, train: TrainingProfiles) -> Baseline:
         """Store what the baseline needs from the training conditions."""
@@ -57,6 +62,7 @@ class ControlMean(Baseline):
     """No change: the line's control mean."""
 
     name = "control_mean"
+    kinds = ("single", "combination")
 
     def predict_delta(self, features, dose, line):
         return np.zeros(self.train_.deltas.shape[1])
@@ -66,6 +72,7 @@ class MeanShift(Baseline):
     """The mean shift of all training perturbations at the same dose and line."""
 
     name = "mean_shift"
+    kinds = ("single", "combination")
 
     def predict_delta(self, features, dose, line):
         t = self.train_
@@ -87,6 +94,22 @@ class NearestDrug(Baseline):
         sel = np.flatnonzero(_same_line_nearest_dose(t, dose, line))
         sim = similarity(features[None], t.features[sel])[0]
         return t.deltas[sel[np.argmax(sim)]]
+
+
+class Additive(Baseline):
+    """For a combination: the sum of its components' shifts (control + Δa + Δb + ...).
+
+    Each component's shift is that of the training condition with the same features in the
+    same line at the nearest dose (log scale), as :class:`NearestDose`; a component never
+    trained on in that line falls back to its most similar training perturbation.
+    """
+
+    name = "additive"
+    kinds = ("combination",)
+
+    def predict_delta(self, features, dose, line):
+        rows = np.atleast_2d(features)
+        return np.sum([NearestDose.predict_delta(self, row, dose, line) for row in rows], axis=0)
 
 
 class NearestDose(Baseline):
@@ -140,7 +163,8 @@ class RidgeShift(Baseline):
 
 
 BASELINES: dict[str, type[Baseline]] = {
-    cls.name: cls for cls in (ControlMean, MeanShift, NearestDrug, NearestDose, RidgeShift)
+    cls.name: cls
+    for cls in (ControlMean, MeanShift, NearestDrug, NearestDose, RidgeShift, Additive)
 }
 
 

@@ -84,7 +84,13 @@ def evaluate(
     split_key: str = "split",
     heldout: str = "test",
     train_split: str = "train",
-    baselines: tuple[str, ...] = ("control_mean", "mean_shift", "nearest_drug", "ridge"),
+    baselines: tuple[str, ...] = (
+        "control_mean",
+        "mean_shift",
+        "nearest_drug",
+        "ridge",
+        "additive",
+    ),
     n_cells: int = 200,
     n_degs: int = 50,
     n_pcs: int = 50,
@@ -92,6 +98,7 @@ def evaluate(
     mode: str = "mean",
     seed: int = 0,
     key_added: str | None = None,
+    combination_separator: str = "+",
 ) -> pd.DataFrame:
     """Score predictions of held-out conditions next to simple baselines.
 
@@ -104,6 +111,16 @@ def evaluate(
     components fitted on training cells (``energy_cells`` cells per side). The baselines
     (:mod:`gim_scvi.tl._baselines`) are fitted on the training conditions only; their cells are
     the line's control cells shifted by their predicted change.
+
+    A held-out perturbation named ``"a+b"`` (``combination_separator``) whose parts ``a`` and
+    ``b`` are perturbations of other cells in ``adata`` is scored as a **combination**: the
+    model composes the interventions of the parts (their features taken from those cells,
+    each at the condition's dose), the ``additive`` baseline adds the parts' training shifts,
+    and of the other baselines only those that ignore the features (``control_mean``,
+    ``mean_shift``) are scored. ``additive`` has no row for single perturbations, nor
+    ``nearest_drug`` and ``ridge`` for combinations. Score combinations and single
+    perturbations in separate calls (e.g. ``heldout="combo"`` on
+    :func:`gim_scvi.data.synthetic` with ``n_combinations``) so that their summaries stay apart.
 
     Parameters
     ----------
@@ -133,6 +150,8 @@ def evaluate(
         Seed of the prediction and of the subsampling.
     key_added
         If given, write ``results``, ``summary`` and ``params`` to ``adata.uns[key_added]``.
+    combination_separator
+        Joins the names of a combination's parts in the perturbation names.
 
     Returns
     -------
@@ -165,6 +184,7 @@ def evaluate(
     lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
     context = context_labels(names, doses, lines)
     normal = model.module.gene_likelihood == "normal"
+    parts = _combination_parts(names, held, is_control, features, combination_separator)
 
     idx = np.flatnonzero(is_control | held | train)
     expr = x[idx] if normal else lognorm(x[idx])
@@ -185,8 +205,12 @@ def evaluate(
 
     profiles = _training_profiles(features, train, context, real)
     fitted = [BASELINES[name]().fit(profiles) for name in baselines]
-    pred = _predict_heldout(model, adata, features, held, names, doses, lines, n_cells, mode, seed)
-    pred_dose = pred.obs["dose"].to_numpy() if model.module.has_dose else np.ones(pred.n_obs)
+    pred = _predict_heldout(
+        model, adata, features, held, names, doses, lines, parts, n_cells, mode, seed
+    )
+    pred_dose = np.ones(pred.n_obs)
+    if model.module.has_dose:  # a combination's dose reads "d+d": its parts share the dose
+        pred_dose = pred.obs["dose"].astype(str).str.split("+").str[0].astype(float).to_numpy()
     pred_ctx = context_labels(pred.obs["condition"], pred_dose, pred.obs["cell_line"])
     pred_expr = pred.X if normal else lognorm(pred.X)
     p_labels, p_means = group_means(pred_expr, pred_ctx)
@@ -205,8 +229,12 @@ def evaluate(
         ctrl_cells = _project(
             pca, expr, ctrl_local.get(line, np.array([], int)), energy_cells, rng
         )
+        kind = "combination" if cond in parts else "single"
+        cond_features = parts[cond] if cond in parts else features[first_cell[ctx]]
         for baseline in fitted:
-            delta = baseline.predict_delta(features[first_cell[ctx]], float(dose), line)
+            if kind not in baseline.kinds:
+                continue
+            delta = baseline.predict_delta(cond_features, float(dose), line)
             methods.append(
                 (
                     baseline.name,
@@ -269,18 +297,49 @@ def _training_profiles(features, train, context, real) -> TrainingProfiles:
     )
 
 
+def _combination_parts(
+    names: np.ndarray, held: np.ndarray, is_control: np.ndarray, features, separator: str
+) -> dict[str, np.ndarray]:
+    """Held-out combination name -> ``n_parts x P`` features of its parts.
+
+    A name is a combination when it joins, with ``separator``, names of perturbations that
+    some non-held-out, non-control cells carry; the parts' features are those cells'.
+    """
+    known = (
+        pd.Series(np.flatnonzero(~held & ~is_control)).groupby(names[~held & ~is_control]).first()
+    )
+    out = {}
+    for name in np.unique(names[held]):
+        pieces = name.split(separator) if separator else [name]
+        if len(pieces) > 1 and all(p in known.index for p in pieces):
+            out[name] = np.asarray(features[known[pieces].to_numpy()])
+    return out
+
+
 def _predict_heldout(
-    model, adata, features, held, names, doses, lines, n_cells, mode, seed
+    model, adata, features, held, names, doses, lines, parts, n_cells, mode, seed
 ) -> AnnData:
-    """One prediction call for every held-out (perturbation, dose) in its cell lines."""
+    """One prediction call for every held-out (perturbation, dose) in its cell lines.
+
+    ``parts`` maps combination names to their parts' feature rows; the model composes their
+    interventions.
+    """
     frame = pd.DataFrame({"condition": names[held], "dose": doses[held]})
     first = (
         pd.Series(np.flatnonzero(held))
         .groupby([frame["condition"].to_numpy(), frame["dose"].to_numpy()])
         .first()
     )
+    rows = features[first.to_numpy()]
+    if parts:
+        width = max(len(p) for p in parts.values())
+        stacked = np.zeros((len(rows), width, rows.shape[1]), dtype=rows.dtype)
+        for i, (name, _) in enumerate(first.index):
+            own = parts.get(name, rows[i : i + 1])
+            stacked[i, : len(own)] = own
+        rows = stacked
     return model.predict(
-        features=features[first.to_numpy()],
+        features=rows,
         doses=np.array([d for _, d in first.index], np.float32) if model.module.has_dose else None,
         cell_lines=sorted(set(lines[held])),
         conditions=[c for c, _ in first.index],
@@ -340,13 +399,15 @@ def ground_truth_recovery(model, adata: AnnData | None = None) -> dict[str, floa
 
     Learned programs are matched to true programs by Hungarian matching on the absolute
     correlation of gene loadings; target probabilities (averaged over cell lines) are then
-    scored against the true targets, on all drugs and on the held-out ones.
+    scored against the true targets, on all drugs and on the held-out ones (combinations of
+    drugs are left out).
     """
     adata = adata if adata is not None else model.adata
     truth = adata.uns["ground_truth"]
     true_loadings = truth["loadings"].loc[model._var_names()].to_numpy()
     match = match_programs(true_loadings, model.get_gene_programs().to_numpy())
     probs = model.get_intervention_targets(adata=adata).groupby(level="condition").mean()
+    probs = probs[probs.index.isin(truth["targets"].index)]  # single drugs (no combinations)
     true_targets = truth["targets"].loc[probs.index]
     out = target_recovery(true_targets.to_numpy(), probs.to_numpy(), match)
     split = truth["drugs"]["split"].loc[probs.index]
