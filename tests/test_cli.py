@@ -17,6 +17,11 @@ def test_demo_small(tmp_path, capsys):
     table = pd.read_csv(out / "heldout_summary.csv")
     assert {"GIM", "control_mean", "mean_shift", "nearest_drug", "ridge"} == set(table["method"])
     assert (out / "demo_annotated.h5ad").exists() and (out / "model" / "model.pt").exists()
+    # pairs of training drugs, scored next to the additive baseline
+    assert "pairs of training drugs given together" in printed
+    combos = pd.read_csv(out / "combination_metrics.csv")
+    assert set(combos["method"]) == {"GIM", "control_mean", "mean_shift", "additive"}
+    assert combos["condition"].str.contains("+", regex=False).all()
 
 
 def test_unknown_command_exits():
