@@ -7,7 +7,12 @@ import scvi
 import torch
 
 import gim_scvi
-from gim_scvi.model._refit import ContextResiduals, context_residuals, refit_generator
+from gim_scvi.model._refit import (
+    ContextResiduals,
+    context_residuals,
+    member_weight_decays,
+    refit_generator,
+)
 from gim_scvi.module import GIMModule
 from tests.conftest import make_small, setup
 
@@ -147,3 +152,31 @@ def test_train_refits_generator_and_checks_kwargs():
     targets = model.get_intervention_targets()
     assert isinstance(targets, pd.DataFrame)
     assert ((targets.to_numpy() >= 0) & (targets.to_numpy() <= 1)).all()
+
+
+def test_member_weight_decays():
+    assert np.allclose(member_weight_decays(0.03, 3), [0.03, 0.03, 0.03])
+    assert np.allclose(member_weight_decays((0.01, 0.1), 3), [0.01, np.sqrt(1e-3), 0.1])
+    assert np.allclose(member_weight_decays((0.01, 0.1), 1), [np.sqrt(1e-3)])
+    with pytest.raises(ValueError, match="number or"):
+        member_weight_decays((0.01, 0.1, 1.0), 3)
+    with pytest.raises(ValueError, match="negative"):
+        member_weight_decays(-1.0, 2)
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        member_weight_decays((0.0, 0.1), 2)
+
+
+def test_stronger_penalty_shrinks_the_shift():
+    module = GIMModule(n_input=10, n_features=5, n_programs=3, n_generators=3)
+    contexts, _ = _known_contexts(module)
+    refit_generator(module, contexts, n_steps=300, lr=1e-2, weight_decay=(1e-4, 3.0))
+    features = torch.as_tensor(contexts.features)
+    dose = torch.as_tensor(contexts.dose)
+    with torch.no_grad():
+        params = module.generator(
+            module.standardise_features(features), torch.zeros(4, 1, dtype=torch.long)
+        )
+        response = module.generator.dose_response(params, module.standardise_log_dose(dose))
+        shift = torch.sigmoid(params.target_logits) * response * params.shift
+    size = shift.abs().sum(dim=(1, 2))  # per member, from the weakest penalty to the strongest
+    assert size[2] < 0.5 * size[0]

@@ -345,7 +345,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             Adam steps of the second stage for each ensemble member (models created with
             ``n_generators > 0``); 0 keeps the jointly trained generator.
         generator_refit_kwargs
-            ``lr`` (default 3e-3) and ``weight_decay`` (1e-2) of the second stage.
+            ``lr`` (default 3e-3) and ``weight_decay`` of the second stage: one L2 penalty
+            for every member, or ``(low, high)`` spread geometrically across the members
+            (default ``(0.01, 0.1)``; see :func:`~gim_scvi.model._refit.member_weight_decays`).
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``,
             ``strategy``, ...). Several processes: ``accelerator="cpu"`` or ``"gpu"``,

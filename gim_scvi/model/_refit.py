@@ -134,12 +134,31 @@ def context_residuals(model, indices: np.ndarray, batch_size: int = 1024) -> Con
     )
 
 
+def member_weight_decays(weight_decay: float | tuple[float, float], n_members: int) -> np.ndarray:
+    """Each member's L2 penalty: one value for all, or ``(low, high)`` spaced geometrically.
+
+    With one member and a range, the member takes the range's geometric mean.
+    """
+    if np.ndim(weight_decay) == 0:
+        values = np.full(n_members, float(weight_decay))
+    elif len(weight_decay) == 2:
+        low, high = (float(v) for v in weight_decay)
+        if not 0 < low <= high:
+            raise ValueError(f"A weight_decay range needs 0 < low <= high, got {weight_decay!r}.")
+        values = np.geomspace(low, high, n_members) if n_members > 1 else np.sqrt([low * high])
+    else:
+        raise ValueError(f"weight_decay must be a number or (low, high), got {weight_decay!r}.")
+    if not np.all(values >= 0):
+        raise ValueError(f"weight_decay must not be negative, got {weight_decay!r}.")
+    return values
+
+
 def refit_generator(
     module,
     contexts: ContextResiduals,
     n_steps: int = 600,
     lr: float = 3e-3,
-    weight_decay: float = 1e-2,
+    weight_decay: float | tuple[float, float] = (1e-2, 1e-1),
     seed: int = 0,
 ) -> list[float]:
     """Fit every generator member from a fresh start on the context statistics.
@@ -160,7 +179,11 @@ def refit_generator(
     lr
         Learning rate.
     weight_decay
-        L2 penalty on the member's weights.
+        L2 penalty on a member's weights: one value for every member, or ``(low, high)``:
+        penalties spaced geometrically from ``low`` to ``high`` across the members, so that
+        the ensemble averages over how strongly an unseen perturbation's intervention is
+        shrunk towards none (the right amount differs between data sets; see
+        ``benchmarks/README.md``).
     seed
         Seed of the members' starting points and relaxed draws (member ``i`` uses
         ``seed + i``).
@@ -183,13 +206,14 @@ def refit_generator(
     second = tensor(contexts.second_moment)
     n_cells = tensor(contexts.n_cells)
     log_sd = module.log_exogenous_scale.detach().clone()
+    decays = member_weight_decays(weight_decay, len(module.generator))
     losses = []
     for i, member in enumerate(module.generator.members):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + i)
             member.reset_parameters()
             member.train()
-            optimizer = torch.optim.Adam(member.parameters(), lr=lr, weight_decay=weight_decay)
+            optimizer = torch.optim.Adam(member.parameters(), lr=lr, weight_decay=float(decays[i]))
             for _ in range(n_steps):
                 loss = _member_loss(
                     module, member, features, log_dose, cell_line, mean, second, n_cells, log_sd
