@@ -323,6 +323,7 @@ def test_generator_weight_decay_and_lr_schedule(small_adata):
     assert [g["weight_decay"] for g in groups] == [plan.weight_decay, 0.05]
     module = model.module
     n_generator = sum(1 for _ in module.joint_generator.parameters())
+    n_generator += sum(1 for _ in module.generator.parameters())  # the ensemble (default)
     assert len(groups[1]["params"]) == n_generator
 
 

@@ -180,3 +180,46 @@ def test_stronger_penalty_shrinks_the_shift():
         shift = torch.sigmoid(params.target_logits) * response * params.shift
     size = shift.abs().sum(dim=(1, 2))  # per member, from the weakest penalty to the strongest
     assert size[2] < 0.5 * size[0]
+
+
+def test_seen_perturbations_keep_the_joint_generator(tmp_path):
+    scvi.settings.seed = 0
+    adata = setup(make_small())
+    model = gim_scvi.GIM(adata, n_programs=3, n_generators=2)
+    model.train(
+        max_epochs=1,
+        split_key="split",
+        batch_size=64,
+        enable_progress_bar=False,
+        generator_refit_steps=30,
+    )
+    module = model.module
+    split = adata.obs["split"].astype(str).to_numpy()
+    control = adata.obs["control"].to_numpy()
+    train_rows = np.unique(adata.obsm["drug_features"][(split == "train") & ~control], axis=0)
+    assert torch.equal(module.seen_features, torch.as_tensor(train_rows))
+    seen = adata.obsm["drug_features"][(split == "train") & ~control][:1]
+    unseen = adata.obsm["drug_features"][split == "test"][:1]
+    features = torch.as_tensor(np.vstack([seen, unseen, 0.5 * seen]))
+    dose = torch.full((3, 1), 1000.0)
+    line = torch.zeros(3, 1, dtype=torch.long)
+    with torch.no_grad():
+        out = module.intervention(features, dose, line, mode="mean")
+        args = (features, dose, line, "mean", None)
+        joint = module._generated_intervention(module.joint_generator, *args)
+        ensemble = module._generated_intervention(module.generator, *args)
+    assert module.seen_rows(features).tolist() == [True, False, False]
+    for key in ("shift", "target_probs", "target_kl"):
+        assert torch.allclose(out[key][0], joint[key][0])
+        assert torch.allclose(out[key][1:], ensemble[key][1:])
+    assert not torch.allclose(out["shift"][0], ensemble["shift"][0])
+    model.save(tmp_path / "m")
+    loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
+    assert torch.equal(loaded.module.seen_features, module.seen_features)
+    # a state saved before the training perturbations were kept loads with none seen
+    state = {k: v for k, v in module.state_dict().items() if k != "seen_features"}
+    fresh = GIMModule(
+        n_input=adata.n_vars, n_features=8, n_programs=3, n_cell_lines=2, n_generators=2
+    )
+    fresh.load_state_dict(state)
+    assert fresh.seen_features.shape == (0, 8)

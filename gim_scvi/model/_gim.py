@@ -298,12 +298,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         """Train the model; held-out conditions never influence the weights.
 
         Encoder, decoder, causal graph and intervention generator are trained jointly on the
-        ELBO (``max_epochs`` passes over the cells). A model created with ``n_generators > 0``
-        then has a second stage: with everything else fixed, each member of its generator
-        ensemble (low-rank linear maps) is fitted afresh to the encoded training conditions
-        (``generator_refit_steps`` full-batch steps on per-condition statistics; seconds), and
-        the ensemble makes every prediction from then on. See ``benchmarks/README.md`` for
-        what the second stage does to predictions of unseen drugs.
+        ELBO (``max_epochs`` passes over the cells). A model with ``n_generators > 0`` (the
+        default, 5) then has a second stage: with everything else fixed, each member of its
+        generator ensemble (low-rank linear maps) is fitted afresh to the encoded training
+        conditions (``generator_refit_steps`` full-batch steps on per-condition statistics;
+        seconds), and the ensemble makes every prediction from then on. See
+        ``benchmarks/README.md`` for what the second stage does to predictions of unseen drugs.
 
         Parameters
         ----------
@@ -509,6 +509,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         # features constant in training (e.g. fingerprint bits never set) are not rescaled,
         # so a new drug that sets such a bit does not get a huge standardised input
         module.feature_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
+        seen = features.unique[np.unique(features.inverse[treated])]
+        module.seen_features = torch.as_tensor(seen, dtype=torch.float32).to(module.device)
         doses = self._doses(adata)
         context = [features.inverse[treated], codes[treated]]
         if doses is not None:
