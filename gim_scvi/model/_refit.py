@@ -6,13 +6,15 @@ their exogenous residuals ``u = z A - mu_c`` (``z ~ q(z | x)``): the shift ``a``
 (perturbation x dose x cell line) is fitted to the mean residual of its cells, weighted by
 their number, under the sparse-target prior. So the generator's part of the objective is a
 small regression over a few hundred contexts, solved here full-batch for every member of the
-ensemble from its own fresh start; a member costs seconds.
+ensemble, each from its own fresh start and with its own weight decay; all members together
+take a few seconds.
 
 This is coordinate ascent on the same objective, not a new one: the generator used jointly
 with the latent model during training has followed a moving target (the encoder, decoder and
 graph were changing) and fits the final latent space less well, while members started afresh
 on the final latent space fit it and disagree where the training perturbations leave the
-answer open.
+answer open. Perturbations seen in training keep the jointly trained generator
+(:meth:`gim_scvi.module.GIMModule.intervention`).
 """
 
 from __future__ import annotations
