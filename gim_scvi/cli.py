@@ -26,6 +26,20 @@ SMALL_DEMO = {
 }
 
 
+def _setup_synthetic(adata) -> None:
+    """Register a :func:`gim_scvi.data.synthetic` screen with :class:`gim_scvi.GIM`."""
+    import gim_scvi
+
+    gim_scvi.GIM.setup_anndata(
+        adata,
+        features_key="drug_features",
+        control_key="control",
+        dose_key="dose",
+        perturbation_key="condition",
+        cell_line_key="cell_line",
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     import scvi
 
@@ -47,14 +61,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"(cells: {split.get('train', 0)} train, {split.get('valid', 0)} validation, "
         f"{split.get('test', 0)} held-out drugs); simulated in {time.perf_counter() - t0:.1f} s"
     )
-    gim_scvi.GIM.setup_anndata(
-        adata,
-        features_key="drug_features",
-        control_key="control",
-        dose_key="dose",
-        perturbation_key="condition",
-        cell_line_key="cell_line",
-    )
+    _setup_synthetic(adata)
     model = gim_scvi.GIM(adata, n_programs=args.n_programs)
     t0 = time.perf_counter()
     model.train(
@@ -111,14 +118,7 @@ def _demo_combinations(model, args: argparse.Namespace, size: dict) -> None:
         n_combinations=args.n_combinations,
         **{"n_genes": args.n_genes, **size},
     )
-    gim_scvi.GIM.setup_anndata(
-        combos,
-        features_key="drug_features",
-        control_key="control",
-        dose_key="dose",
-        perturbation_key="condition",
-        cell_line_key="cell_line",
-    )
+    _setup_synthetic(combos)
     results = gim_scvi.tl.evaluate(model, combos, split_key="split", heldout="combo")
     print(
         f"\n{args.n_combinations} pairs of training drugs given together (never seen in "

@@ -191,11 +191,9 @@ class GIMModule(BaseModuleClass):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Size ``seen_features`` to the saved one (none in models saved before it existed)."""
         key = prefix + "seen_features"
-        if key in state_dict:
-            self.seen_features = torch.empty_like(state_dict[key])
-        else:
+        if key not in state_dict:
             state_dict[key] = self.seen_features.new_zeros(0, self.seen_features.shape[1])
-            self.seen_features = state_dict[key].clone()
+        self.seen_features = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def seen_rows(self, features: torch.Tensor) -> torch.Tensor:
