@@ -137,7 +137,7 @@ def test_context_residuals_match_encoded_training_cells():
     assert (contexts.second_moment >= contexts.mean**2 - 1e-9).all()
 
 
-def test_train_refits_generator_and_checks_kwargs():
+def test_train_refits_generator_and_checks_kwargs(tmp_path):
     scvi.settings.seed = 0
     adata = setup(make_small())
     model = gim_scvi.GIM(adata, n_programs=3, n_generators=2)
@@ -152,6 +152,19 @@ def test_train_refits_generator_and_checks_kwargs():
     targets = model.get_intervention_targets()
     assert isinstance(targets, pd.DataFrame)
     assert ((targets.to_numpy() >= 0) & (targets.to_numpy() <= 1)).all()
+
+    # the same refit on the saved and loaded model gives the same members: it does not
+    # depend on the relaxation temperature the joint training ended at (not saved)
+    fitted = {k: v.clone() for k, v in model.module.generator.state_dict().items()}
+    model.save(tmp_path / "model")
+    loaded = gim_scvi.GIM.load(tmp_path / "model", adata=adata)
+    assert loaded.module.temperature != model.module.temperature
+    train = np.flatnonzero(adata.obs["split"].to_numpy() == "train")
+    refit_generator(loaded.module, context_residuals(loaded, train), n_steps=30, seed=0)
+    for key, value in loaded.module.generator.state_dict().items():
+        torch.testing.assert_close(value, fitted[key], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        refit_generator(loaded.module, context_residuals(loaded, train), temperature=0.0)
 
 
 def test_member_weight_decays():

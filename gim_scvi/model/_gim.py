@@ -345,9 +345,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             Adam steps of the second stage for each ensemble member (models created with
             ``n_generators > 0``); 0 keeps the jointly trained generator.
         generator_refit_kwargs
-            ``lr`` (default 3e-3) and ``weight_decay`` of the second stage: one L2 penalty
-            for every member, or ``(low, high)`` spread geometrically across the members
-            (default ``(0.01, 0.1)``; see :func:`~gim_scvi.model._refit.member_weight_decays`).
+            ``lr`` (default 3e-3), ``weight_decay`` and ``temperature`` of the second stage.
+            ``weight_decay``: one L2 penalty for every member, or ``(low, high)`` spread
+            geometrically across the members (default ``(0.01, 0.1)``; see
+            :func:`~gim_scvi.model._refit.member_weight_decays`). ``temperature``: of the
+            relaxed target draws (default 1.0; see
+            :func:`~gim_scvi.model._refit.refit_generator`).
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``,
             ``strategy``, ...). Several processes: ``accelerator="cpu"`` or ``"gpu"``,
@@ -426,10 +429,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     def _refit_generator(self, train_idx: np.ndarray, n_steps: int, kwargs: dict | None) -> None:
         """Second training stage: every generator member fitted afresh on the final latents."""
         kwargs = dict(kwargs or {})
-        unknown = set(kwargs) - {"lr", "weight_decay"}
+        unknown = set(kwargs) - {"lr", "weight_decay", "temperature"}
         if unknown:
             raise TypeError(
-                f"generator_refit_kwargs takes 'lr' and 'weight_decay', not {sorted(unknown)}."
+                "generator_refit_kwargs takes 'lr', 'weight_decay' and 'temperature', not "
+                f"{sorted(unknown)}."
             )
         contexts = context_residuals(self, train_idx)
         with torch.no_grad():  # re-estimated from the controls under the final graph
