@@ -147,6 +147,14 @@ def _print_summary(summary: pd.DataFrame) -> None:
         "line's controls;\n the control mean predicts no change, so its Pearson of deltas is "
         "undefined; lower energy distance is better)"
     )
+    for _, row in summary.drop_duplicates("doses").iterrows():
+        if row["n_r2_deg"] < row["n_conditions"]:
+            print(
+                f"DEG-R² ({row['doses']}) is undefined for {row['n_conditions'] - row['n_r2_deg']}"
+                f" of {row['n_conditions']} conditions, whose top DEGs all have one observed "
+                "mean (usually genes detected in none of a small condition's cells); the "
+                "DEG-R² columns summarise the others."
+            )
 
 
 def _write_tables(out: Path, results: pd.DataFrame, summary: pd.DataFrame) -> None:

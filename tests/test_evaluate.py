@@ -256,3 +256,25 @@ def test_training_profiles_exclude_heldout():
     for drug in test_drugs:
         f = adata.obsm["drug_features"][np.flatnonzero(names == drug)[0]]
         assert tuple(f) not in seen
+
+
+def test_summarize_counts_conditions_and_skips_undefined_deg_r2():
+    rows = [
+        # method, dose, r2_deg (NaN: undefined), pearson
+        ("GIM", 10.0, 0.2, 0.1),
+        ("GIM", 100.0, 0.8, 0.5),
+        ("GIM", 100.0, np.nan, 0.3),
+        ("ridge", 10.0, 0.0, 0.2),
+        ("ridge", 100.0, 0.4, 0.1),
+        ("ridge", 100.0, -1.0, np.nan),
+    ]
+    results = pd.DataFrame(rows, columns=["method", "dose", "r2_deg", "pearson_delta_deg"])
+    summary = gim_scvi.tl.summarize(results).set_index(["doses", "method"])
+    top = summary.loc[("highest_dose", "GIM")]
+    assert top["n_conditions"] == 2 and top["n_r2_deg"] == 1
+    assert top["r2_deg_mean"] == pytest.approx(0.8)
+    assert summary.loc[("all_doses", "GIM"), "r2_deg_mean"] == pytest.approx(0.5)
+    ridge = summary.loc[("highest_dose", "ridge")]
+    assert ridge["n_r2_deg"] == 2 and ridge["r2_deg_mean"] == pytest.approx(-0.3)
+    assert ridge["pearson_delta_deg_mean"] == pytest.approx(0.1)
+    assert summary.loc[("all_doses", "ridge"), "n_conditions"] == 3

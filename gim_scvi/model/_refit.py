@@ -175,7 +175,7 @@ def refit_generator(
     (0.2 by default), so a refit gives the same members whether it runs at the end of
     ``train`` or on a saved and loaded model. At 1.0 (the joint training's starting value)
     the members predicted unseen drugs better than at 0.2 on the default synthetic screen
-    (mean DEG-R² over five seeds 0.386 vs 0.337; ``benchmarks/README.md``).
+    (mean DEG-R² over five seeds 0.384 vs 0.337; ``benchmarks/README.md``).
 
     Parameters
     ----------

@@ -382,14 +382,23 @@ def _score(true, pred, control, deg_idx) -> dict[str, float]:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and median of each metric per method, at the highest dose and over all doses."""
+    """Mean and median of each metric per method, at the highest dose and over all doses.
+
+    Undefined values (NaN) are left out of means and medians; ``n_conditions`` counts the
+    conditions scored and ``n_r2_deg`` those with a defined DEG-R². DEG-R² is undefined when
+    a condition's top DEGs all have the same observed mean, typically genes detected in none
+    of the cells of a condition with few cells (the t-test ranks them first).
+    """
     metrics = [c for c in results.columns if c.startswith(("r2_", "pearson_", "energy_"))]
     top = results[results["dose"] == results["dose"].max()]
     parts = []
     for label, frame in [("highest_dose", top), ("all_doses", results)]:
-        agg = frame.groupby("method")[metrics].agg(["mean", "median"])
+        groups = frame.groupby("method")
+        agg = groups[metrics].agg(["mean", "median"])
         agg.columns = [f"{m}_{s}" for m, s in agg.columns]
         agg.insert(0, "doses", label)
+        agg.insert(1, "n_conditions", groups.size())
+        agg.insert(2, "n_r2_deg", groups["r2_deg"].count())
         parts.append(agg)
     return pd.concat(parts).reset_index()
 
