@@ -318,13 +318,21 @@ def test_generator_weight_decay_and_lr_schedule(small_adata):
         validation_split="valid",
         plan_kwargs={"generator_weight_decay": 0.05, "reduce_lr_on_plateau": True},
     )
-    plan = gim_scvi.model.GIMTrainingPlan(model.module, generator_weight_decay=0.05)
+    plan = gim_scvi.model.GIMTrainingPlan(
+        model.module, generator_weight_decay=0.05, loadings_lr_factor=4.0
+    )
     groups = plan.configure_optimizers()["optimizer"].param_groups
-    assert [g["weight_decay"] for g in groups] == [plan.weight_decay, 0.05]
+    assert [g["weight_decay"] for g in groups] == [plan.weight_decay, 0.05, plan.weight_decay]
+    assert [g["lr"] for g in groups] == [plan.lr, plan.lr, 4.0 * plan.lr]
     module = model.module
     n_generator = sum(1 for _ in module.joint_generator.parameters())
     n_generator += sum(1 for _ in module.generator.parameters())  # the ensemble (default)
     assert len(groups[1]["params"]) == n_generator
+    assert groups[2]["params"] == [module.decoder.loadings_raw]
+    every = [id(p) for g in groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in module.parameters())  # each exactly once
+    with pytest.raises(ValueError, match="loadings_lr_factor"):
+        gim_scvi.model.GIMTrainingPlan(model.module, loadings_lr_factor=0.0)
 
 
 def test_predict_iter_chunks_equal_one_predict(trained):

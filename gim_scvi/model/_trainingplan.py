@@ -15,7 +15,8 @@ class GIMTrainingPlan(TrainingPlan):
     ``temperature_end`` and the acyclicity weight grows geometrically from
     ``dag_weight_start`` to ``dag_weight_max`` over the planned epochs; both are functions of
     the training progress only, so a resumed run continues where it stopped. The generator
-    gets its own weight decay (it sees few distinct perturbations and overfits easily).
+    gets its own weight decay (it sees few distinct perturbations and overfits easily), and
+    the gene loadings of the linear decoder their own learning rate.
 
     Parameters
     ----------
@@ -27,6 +28,14 @@ class GIMTrainingPlan(TrainingPlan):
         Acyclicity penalty weight at the start and end of training.
     generator_weight_decay
         Weight decay of the intervention generator's parameters.
+    loadings_lr_factor
+        Learning rate of the linear decoder's gene loadings, as a multiple of ``lr``. Each
+        loading gets a noisy minibatch gradient and a small share of the L1 prior, so at the
+        common rate they hardly leave their starting value in a few thousand steps and the
+        learned programs are dense mixtures of the true ones. At 10x they become sparse and
+        match the true programs of the synthetic screen far better, but target and graph
+        recovery and held-out predictions improved in one seed and got worse in the other,
+        so the default stays 1 (``benchmarks/README.md``).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan`.
     """
@@ -40,6 +49,7 @@ class GIMTrainingPlan(TrainingPlan):
         dag_weight_start: float = 0.1,
         dag_weight_max: float = 1000.0,
         generator_weight_decay: float = 1e-3,
+        loadings_lr_factor: float = 1.0,
         **kwargs,
     ):
         super().__init__(module, **kwargs)
@@ -48,6 +58,9 @@ class GIMTrainingPlan(TrainingPlan):
         self.dag_weight_start = dag_weight_start
         self.dag_weight_max = dag_weight_max
         self.generator_weight_decay = generator_weight_decay
+        if not loadings_lr_factor > 0:
+            raise ValueError(f"loadings_lr_factor must be positive, got {loadings_lr_factor!r}.")
+        self.loadings_lr_factor = loadings_lr_factor
         self.loss_kwargs.update({"dag_weight": dag_weight_start})
 
     @property
@@ -92,23 +105,30 @@ class GIMTrainingPlan(TrainingPlan):
             return log(self, loss_output, metrics, mode)
 
     def configure_optimizers(self):
-        """Adam with a separate weight decay for the intervention generator."""
+        """Adam; the generator has its own weight decay, the loadings their own rate."""
         generators = [self.module.joint_generator, self.module.generator]
         generator_params = [
             p for net in generators if net is not None for p in net.parameters() if p.requires_grad
         ]
-        generator_ids = {id(p) for p in generator_params}
+        loadings = getattr(self.module.decoder, "loadings_raw", None)
+        loadings_params = [loadings] if loadings is not None and loadings.requires_grad else []
+        special = {id(p) for p in generator_params + loadings_params}
         other_params = [
-            p for p in self.module.parameters() if p.requires_grad and id(p) not in generator_ids
+            p for p in self.module.parameters() if p.requires_grad and id(p) not in special
         ]
-        optimizer = torch.optim.Adam(
-            [
-                {"params": other_params, "weight_decay": self.weight_decay},
-                {"params": generator_params, "weight_decay": self.generator_weight_decay},
-            ],
-            lr=self.lr,
-            eps=self.eps,
-        )
+        groups = [
+            {"params": other_params, "weight_decay": self.weight_decay},
+            {"params": generator_params, "weight_decay": self.generator_weight_decay},
+        ]
+        if loadings_params:
+            groups.append(
+                {
+                    "params": loadings_params,
+                    "weight_decay": self.weight_decay,
+                    "lr": self.lr * self.loadings_lr_factor,
+                }
+            )
+        optimizer = torch.optim.Adam(groups, lr=self.lr, eps=self.eps)
         config = {"optimizer": optimizer}
         if self.reduce_lr_on_plateau:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
