@@ -10,6 +10,7 @@ import gim_scvi
 from gim_scvi.model._refit import (
     ContextResiduals,
     context_residuals,
+    member_temperatures,
     member_weight_decays,
     refit_generator,
 )
@@ -177,6 +178,15 @@ def test_member_weight_decays():
         member_weight_decays(-1.0, 2)
     with pytest.raises(ValueError, match="0 < low <= high"):
         member_weight_decays((0.0, 0.1), 2)
+
+
+def test_member_temperatures():
+    assert np.allclose(member_temperatures(0.5, 2), [0.5, 0.5])
+    assert np.allclose(member_temperatures((0.2, 1.0), 3), [0.2, np.sqrt(0.2), 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        member_temperatures(0.0, 2)
+    with pytest.raises(ValueError, match="temperature must be a number"):
+        member_temperatures((0.2, 0.5, 1.0), 3)
 
 
 def test_stronger_penalty_shrinks_the_shift():

@@ -349,8 +349,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             ``weight_decay``: one L2 penalty for every member, or ``(low, high)`` spread
             geometrically across the members (default ``(0.01, 0.1)``; see
             :func:`~gim_scvi.model._refit.member_weight_decays`). ``temperature``: of the
-            relaxed target draws (default 1.0; see
-            :func:`~gim_scvi.model._refit.refit_generator`).
+            relaxed target draws, one value or ``(low, high)`` in the same way (default
+            ``(0.2, 1.0)``; see :func:`~gim_scvi.model._refit.refit_generator`).
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``,
             ``strategy``, ...). Several processes: ``accelerator="cpu"`` or ``"gpu"``,
