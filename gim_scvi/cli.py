@@ -172,10 +172,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = gim_scvi.GIM.load(args.model, adata=adata)
     t0 = time.perf_counter()
     results = gim_scvi.tl.evaluate(
-        model, adata, split_key=args.split_key, heldout=args.heldout, train_split=args.train
+        model,
+        adata,
+        split_key=args.split_key,
+        heldout=args.heldout,
+        train_split=args.train,
+        degs=args.degs,
     )
     summary = gim_scvi.tl.summarize(results)
-    print(f"{args.data}: held-out '{args.heldout}' scored in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{args.data}: held-out '{args.heldout}' scored in {time.perf_counter() - t0:.1f} s "
+        f"(DEGs: {args.degs})"
+    )
     _print_summary(summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,9 +241,11 @@ def _train(args: argparse.Namespace) -> int:
         enable_progress_bar=not args.quiet,
     )
     print(f"training: {time.perf_counter() - t0:.1f} s")
-    results = gim_scvi.tl.evaluate(model, adata, split_key="split_ood", heldout="ood")
+    results = gim_scvi.tl.evaluate(
+        model, adata, split_key="split_ood", heldout="ood", degs=args.degs
+    )
     summary = gim_scvi.tl.summarize(results)
-    print("\nheld-out (OOD) drugs:")
+    print(f"\nheld-out (OOD) drugs (DEGs: {args.degs}):")
     _print_summary(summary)
     if "ground_truth" in adata.uns:
         recovery = gim_scvi.tl.ground_truth_recovery(model, adata)
@@ -278,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--n-bits", type=int, default=1024, help="Morgan fingerprint length")
     tr.add_argument("--n-validation-drugs", type=int, default=10)
     tr.add_argument("--resplit", action="store_true", help="recompute an existing split_ood")
+    tr.add_argument(
+        "--degs",
+        choices=["pooled_doses", "condition"],
+        default="pooled_doses",
+        help="DEGs per drug x cell line over all doses (chemCPA's all_DEGs, on which published "
+        "sci-Plex DEG-R2 values rest; default) or per condition",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", default="gim_train_output", help="output folder")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -288,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split-key", default="split", help="obs column with the split")
     ev.add_argument("--heldout", default="test", help="split value to score (default test)")
     ev.add_argument("--train", default="train", help="split value of training cells")
+    ev.add_argument(
+        "--degs",
+        choices=["condition", "pooled_doses"],
+        default="condition",
+        help="DEGs per condition (default) or per perturbation x cell line over all doses",
+    )
     ev.add_argument("--out", default="gim_evaluate_output", help="output folder")
     ev.set_defaults(func=_evaluate)
     return parser

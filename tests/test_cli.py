@@ -43,11 +43,14 @@ def test_evaluate_command(tmp_path, capsys):
                 str(out / "demo_annotated.h5ad"),
                 "--out",
                 str(tmp_path / "ev"),
+                "--degs",
+                "pooled_doses",
             ]
         )
         == 0
     )
     printed = capsys.readouterr().out
     assert "ridge" in printed and "nearest_drug" in printed
+    assert "(DEGs: pooled_doses)" in printed
     table = pd.read_csv(tmp_path / "ev" / "heldout_metrics.csv")
     assert len(table) > 0 and table["r2_all"].notna().all()

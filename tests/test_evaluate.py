@@ -278,3 +278,44 @@ def test_summarize_counts_conditions_and_skips_undefined_deg_r2():
     assert ridge["n_r2_deg"] == 2 and ridge["r2_deg_mean"] == pytest.approx(-0.3)
     assert ridge["pearson_delta_deg_mean"] == pytest.approx(0.1)
     assert summary.loc[("all_doses", "ridge"), "n_conditions"] == 3
+
+
+def test_evaluate_pooled_dose_degs(trained):
+    """``degs="pooled_doses"``: one DEG list per perturbation x line, shared by its doses."""
+    from gim_scvi.tl._evaluate import group_means, lognorm, top_degs
+    from gim_scvi.tl._metrics import r2_score_means
+
+    model, adata = trained
+    kwargs = dict(baselines=("control_mean",), n_cells=20, n_degs=10, n_pcs=5, energy_cells=30)
+    pooled = gim_scvi.tl.evaluate(model, adata, degs="pooled_doses", **kwargs)
+    per_dose = gim_scvi.tl.evaluate(model, adata, **kwargs)
+    cols = ["condition", "dose", "cell_line", "method"]
+    assert pooled[cols].equals(per_dose[cols])
+    assert np.allclose(pooled["r2_all"], per_dose["r2_all"])  # only the DEG columns change
+    assert not np.allclose(pooled["r2_deg"], per_dose["r2_deg"], equal_nan=True)
+
+    # by hand: the control mean's DEG-R² on the DEGs of all held-out doses pooled
+    obs = adata.obs
+    control = obs["control"].to_numpy()
+    held = (obs["split"] == "test").to_numpy() & ~control
+    lines = obs["cell_line"].astype(str).to_numpy()
+    names = obs["condition"].astype(str).to_numpy()
+    rows = np.flatnonzero(held | control)
+    expr = lognorm(adata.X[rows])
+    pooled_label = np.where(control[rows], "control", names[rows] + " | " + lines[rows])
+    degs = top_degs(expr, pooled_label, control[rows], lines[rows], 10)
+    dose_label = np.where(
+        control[rows],
+        "control | " + lines[rows],
+        pooled_label + " | " + obs["dose"].astype(str).to_numpy()[rows],
+    )
+    labels, means = group_means(expr, dose_label)
+    mean_of = dict(zip(labels, means, strict=True))
+    base = pooled[pooled["method"] == "control_mean"]
+    for row in base.itertuples():
+        genes = degs[f"{row.condition} | {row.cell_line}"]
+        truth = mean_of[f"{row.condition} | {row.cell_line} | {row.dose}"]
+        expected = r2_score_means(truth[genes], mean_of[f"control | {row.cell_line}"][genes])
+        assert np.isclose(row.r2_deg, expected, atol=1e-5, equal_nan=True)
+    with pytest.raises(ValueError, match="degs must be"):
+        gim_scvi.tl.evaluate(model, adata, degs="drug", **kwargs)

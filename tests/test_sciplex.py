@@ -323,6 +323,7 @@ def test_train_command_on_a_file(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "schema chemcpa" in printed and "held-out (OOD) drugs" in printed
+    assert "(DEGs: pooled_doses)" in printed  # comparable with published sci-Plex DEG-R²
     table = pd.read_csv(tmp_path / "out" / "heldout_metrics.csv")
     assert set(table["condition"]) == set(SCIPLEX3_OOD_DRUGS)
 

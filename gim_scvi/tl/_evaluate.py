@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -99,13 +100,15 @@ def evaluate(
     seed: int = 0,
     key_added: str | None = None,
     combination_separator: str = "+",
+    degs: Literal["condition", "pooled_doses"] = "condition",
 ) -> pd.DataFrame:
     """Score predictions of held-out conditions next to simple baselines.
 
     For each held-out (perturbation, dose, cell line), the mean of
     ``log1p(normalize_total(1e4))`` expression of the predicted cells is compared with that of
-    the real cells: R² on all genes and on the top ``n_degs`` DEGs (scanpy t-test against the
-    same line's controls, ranked by ``|score|``), unclipped and clipped at 0; the Pearson
+    the real cells: R² on all genes and on the top ``n_degs`` DEGs (scanpy t-test of the
+    held-out cells against the same line's controls, ranked by ``|score|``; see ``degs``),
+    unclipped and clipped at 0; the Pearson
     correlation of the deltas to the control mean on all genes and on the DEGs; and the
     Euclidean energy distance between predicted and real cells on ``n_pcs`` principal
     components fitted on training cells (``energy_cells`` cells per side). The baselines
@@ -152,6 +155,15 @@ def evaluate(
         If given, write ``results``, ``summary`` and ``params`` to ``adata.uns[key_added]``.
     combination_separator
         Joins the names of a combination's parts in the perturbation names.
+    degs
+        Which cells define a condition's DEGs: ``"condition"``, its own cells (one list per
+        perturbation x dose x cell line); ``"pooled_doses"``, the cells of every held-out dose
+        of its perturbation in its line (one list per perturbation x cell line, shared by the
+        doses), as chemCPA's ``uns["all_DEGs"]`` (grouped by ``cov_drug``), on which the
+        published sci-Plex DEG-R² values were computed. With few cells per condition the
+        t-test of ``"condition"`` ranks first genes detected in none of them, and for a
+        perturbation without effect the DEG-R² of every method is then a large negative number
+        (or undefined); pooling the doses gives more cells per list.
 
     Returns
     -------
@@ -183,6 +195,7 @@ def evaluate(
     doses = doses if doses is not None else np.ones(adata.n_obs, np.float32)
     lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
     context = context_labels(names, doses, lines)
+    deg_group = _deg_groups(degs, names, doses, lines)
     normal = model.module.gene_likelihood == "normal"
     parts = _combination_parts(names, held, is_control, features, combination_separator)
 
@@ -198,9 +211,11 @@ def evaluate(
     sel = np.concatenate([local["control"], local["held"]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        degs = top_degs(
-            expr[sel], context[idx][sel], is_control[idx][sel], lines[idx][sel], n_degs
+        deg_lists = top_degs(
+            expr[sel], deg_group[idx][sel], is_control[idx][sel], lines[idx][sel], n_degs
         )
+    first_cell = pd.Series(np.flatnonzero(held)).groupby(context[held]).first()
+    deg_of_context = {ctx: deg_lists.get(deg_group[i]) for ctx, i in first_cell.items()}
     pca = _fit_pca(expr, np.concatenate([local["train"], local["control"]]), n_pcs, rng)
 
     profiles = _training_profiles(features, train, context, real)
@@ -218,7 +233,6 @@ def evaluate(
 
     rows = []
     counts = pd.Series(context[held]).value_counts()
-    first_cell = pd.Series(np.flatnonzero(held)).groupby(context[held]).first()
     ctrl_local = {ln: local["control"][lines[idx][local["control"]] == ln] for ln in set(lines)}
     for ctx in sorted(set(context[held])):
         cond, dose, line = ctx.split(" | ")
@@ -244,7 +258,7 @@ def evaluate(
             )
         for method, profile, cells in methods:
             rows.append(
-                _score(real[ctx], profile, control_mean, degs.get(ctx))
+                _score(real[ctx], profile, control_mean, deg_of_context[ctx])
                 | {
                     "energy_distance": energy_distance(cells, truth_cells),
                     "condition": cond,
@@ -272,9 +286,19 @@ def evaluate(
                 "energy_cells": energy_cells,
                 "mode": mode,
                 "seed": seed,
+                "degs": degs,
             },
         }
     return out
+
+
+def _deg_groups(degs: str, names: np.ndarray, doses: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """Label of each cell's DEG list: its context, or its perturbation and line (all doses)."""
+    if degs == "condition":
+        return context_labels(names, doses, lines)
+    if degs == "pooled_doses":
+        return context_labels(names, None, lines)
+    raise ValueError(f"degs must be 'condition' or 'pooled_doses', got {degs!r}.")
 
 
 def _training_profiles(features, train, context, real) -> TrainingProfiles:
