@@ -241,9 +241,8 @@ def _train(args: argparse.Namespace) -> int:
         enable_progress_bar=not args.quiet,
     )
     print(f"training: {time.perf_counter() - t0:.1f} s")
-    results = gim_scvi.tl.evaluate(
-        model, adata, split_key="split_ood", heldout="ood", degs=args.degs
-    )
+    degs = gim_scvi.data.sciplex3_degs(adata) if args.degs == "file" else args.degs
+    results = gim_scvi.tl.evaluate(model, adata, split_key="split_ood", heldout="ood", degs=degs)
     summary = gim_scvi.tl.summarize(results)
     print(f"\nheld-out (OOD) drugs (DEGs: {args.degs}):")
     _print_summary(summary)
@@ -290,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resplit", action="store_true", help="recompute an existing split_ood")
     tr.add_argument(
         "--degs",
-        choices=["pooled_doses", "condition"],
+        choices=["pooled_doses", "condition", "file"],
         default="pooled_doses",
-        help="DEGs per drug x cell line over all doses (chemCPA's all_DEGs, on which published "
-        "sci-Plex DEG-R2 values rest; default) or per condition",
+        help="DEGs per drug x cell line over all doses (chemCPA's definition, on which "
+        "published sci-Plex DEG-R2 values rest; default), per condition, or the chemCPA "
+        "file's own uns['all_DEGs']",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", default="gim_train_output", help="output folder")

@@ -317,5 +317,15 @@ def test_evaluate_pooled_dose_degs(trained):
         truth = mean_of[f"{row.condition} | {row.cell_line} | {row.dose}"]
         expected = r2_score_means(truth[genes], mean_of[f"control | {row.cell_line}"][genes])
         assert np.isclose(row.r2_deg, expected, atol=1e-5, equal_nan=True)
+    # the same lists given by gene name give the same table
+    given = {label: adata.var_names[genes] for label, genes in degs.items()}
+    from_names = gim_scvi.tl.evaluate(model, adata, degs=given, **kwargs)
+    pd.testing.assert_frame_equal(from_names, pooled)
     with pytest.raises(ValueError, match="degs must be"):
         gim_scvi.tl.evaluate(model, adata, degs="drug", **kwargs)
+    one_missing = dict(list(given.items())[1:])
+    with pytest.raises(KeyError, match="No DEG list"):
+        gim_scvi.tl.evaluate(model, adata, degs=one_missing, **kwargs)
+    with pytest.warns(UserWarning, match="not among the model's genes"):
+        unknown = {k: [*v, "no_such_gene"] for k, v in given.items()}
+        gim_scvi.tl.evaluate(model, adata, degs=unknown, **kwargs)

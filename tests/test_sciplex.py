@@ -86,7 +86,12 @@ def write_chemcpa(path, with_counts=True):
     adata = AnnData(X=_lognorm(counts), obs=obs, var=pd.DataFrame(index=genes))
     if with_counts:
         adata.layers["counts"] = counts
-    adata.uns["all_DEGs"] = {"A549_Givinostat_1.0": np.array(genes[:5])}
+    # as chemCPA: 50 DEGs (here 5) per line x drug over all doses, under each dose's key
+    treated = obs.loc[~control, ["cov_drug_dose_name", "cell_type", "condition"]].astype(str)
+    adata.uns["all_DEGs"] = {
+        key: np.array(genes)[np.random.default_rng(len(line + drug)).permutation(len(genes))[:5]]
+        for key, line, drug in treated.drop_duplicates().itertuples(index=False)
+    }
     adata.write_h5ad(path)
     return adata
 
@@ -134,6 +139,25 @@ def test_read_chemcpa_schema(tmp_path):
     # the file's own columns and uns are kept
     assert "cov_drug_dose_name" in obs and "all_DEGs" in adata.uns
     assert np.array_equal(adata.obs_names, written.obs_names)
+
+
+def test_sciplex3_degs_relabels_chemcpa_lists(tmp_path):
+    written = write_chemcpa(tmp_path / "chemcpa.h5ad")
+    adata = read_sciplex3(tmp_path / "chemcpa.h5ad")
+    degs = gim_scvi.data.sciplex3_degs(adata)
+    # one label per drug x dose x line, and per drug x line (every dose has the same list)
+    assert len(degs) == len(DRUGS) * len(LINES) * (len(DOSES) + 1)
+    key = "A549_Givinostat_1.0"  # chemCPA's cov_drug_dose_name of 10 µM
+    assert list(degs["Givinostat | 10000 | A549"]) == list(written.uns["all_DEGs"][key])
+    assert list(degs["Givinostat | A549"]) == list(written.uns["all_DEGs"][key])
+    # a dose without a list, or lists that differ between doses: no pooled label
+    adata.uns["all_DEGs"].pop("A549_Givinostat_0.001")
+    adata.uns["all_DEGs"]["K562_Givinostat_0.1"] = written.var_names[:5].to_numpy()
+    degs = gim_scvi.data.sciplex3_degs(adata)
+    assert "Givinostat | 10 | A549" not in degs and "Givinostat | A549" not in degs
+    assert "Givinostat | K562" not in degs and "Givinostat | 1000 | K562" in degs
+    with pytest.raises(KeyError, match="no 'missing'"):
+        gim_scvi.data.sciplex3_degs(adata, uns_key="missing")
 
 
 def test_chemcpa_without_counts_says_normal(tmp_path):
@@ -318,12 +342,14 @@ def test_train_command_on_a_file(tmp_path, capsys):
             "--quiet",
             "--out",
             str(tmp_path / "out"),
+            "--degs",
+            "file",  # the file's own chemCPA DEG lists
         ]
     )
     assert code == 0
     printed = capsys.readouterr().out
     assert "schema chemcpa" in printed and "held-out (OOD) drugs" in printed
-    assert "(DEGs: pooled_doses)" in printed  # comparable with published sci-Plex DEG-R²
+    assert "(DEGs: file)" in printed
     table = pd.read_csv(tmp_path / "out" / "heldout_metrics.csv")
     assert set(table["condition"]) == set(SCIPLEX3_OOD_DRUGS)
 

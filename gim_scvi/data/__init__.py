@@ -5,6 +5,7 @@ from gim_scvi.data._sciplex import (
     SCIPLEX3_OOD_DRUGS,
     detect_sciplex3_schema,
     read_sciplex3,
+    sciplex3_degs,
     sciplex3_ood_split,
     synthetic_sciplex,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "random_dag",
     "read_sciplex3",
     "sciplex3_compounds",
+    "sciplex3_degs",
     "sciplex3_ood_split",
     "simulate_screen",
     "synthetic",

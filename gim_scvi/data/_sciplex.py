@@ -230,6 +230,61 @@ def read_sciplex3(path: str | Path, backed: bool = False) -> AnnData:
     return adata
 
 
+def sciplex3_degs(
+    adata: AnnData, uns_key: str = "all_DEGs", name_key: str = "cov_drug_dose_name"
+) -> dict[str, np.ndarray]:
+    """The DEG lists of a chemCPA file read by :func:`read_sciplex3`, for ``evaluate(degs=...)``.
+
+    chemCPA's files keep, in ``.uns["all_DEGs"]``, 50 DEGs per ``cov_drug_dose_name``
+    (``"A549_Dacinostat_1.0"``: line, drug, dose / 10 µM), computed per line and drug over all
+    doses; the published sci-Plex DEG-R² values are computed on them. This relabels them by the
+    canonical columns (``condition``, ``cell_line``, ``dose_nM``) as
+    ``"condition | dose | cell line"``, plus ``"condition | cell line"`` where every dose of a
+    drug in a line has the same list.
+
+    Parameters
+    ----------
+    adata
+        Output of :func:`read_sciplex3` for a chemCPA file.
+    uns_key
+        Key of the DEG lists in ``adata.uns``.
+    name_key
+        Column of ``adata.obs`` with the lists' keys.
+
+    Returns
+    -------
+    dict
+        Label -> gene names.
+    """
+    from gim_scvi._utils import context_labels
+
+    if uns_key not in adata.uns:
+        raise KeyError(f"adata.uns has no {uns_key!r} (chemCPA's files keep their DEGs there).")
+    for col in (name_key, "condition", "cell_line", "dose_nM", "control"):
+        if col not in adata.obs:
+            raise KeyError(
+                f"adata.obs has no {col!r}: read the file with gim_scvi.data.read_sciplex3."
+            )
+    lists = adata.uns[uns_key]
+    obs = adata.obs.loc[~adata.obs["control"].to_numpy().astype(bool)]
+    cols = [name_key, "condition", "cell_line", "dose_nM"]
+    pairs = obs[cols].astype({c: str for c in cols[:3]}).drop_duplicates()
+    pairs = pairs[pairs[name_key].isin(list(lists))]
+    out: dict[str, np.ndarray] = {}
+    by_pair: dict[str, list[tuple[str, ...]]] = {}
+    for key, cond, line, dose in pairs.itertuples(index=False):
+        genes = np.asarray(lists[key]).astype(str)
+        out[context_labels([cond], [dose], [line])[0]] = genes
+        by_pair.setdefault(f"{cond} | {line}", []).append(tuple(genes))
+    doses = obs[cols[1:]].astype(str).drop_duplicates()
+    n_doses = doses.groupby(["condition", "cell_line"]).size()
+    for (cond, line), n in n_doses.items():
+        found = by_pair.get(f"{cond} | {line}", [])
+        if len(found) == n and len(set(found)) == 1:
+            out[f"{cond} | {line}"] = np.asarray(found[0])
+    return out
+
+
 def sciplex3_ood_split(
     adata: AnnData,
     condition_key: str = "condition",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -100,7 +101,7 @@ def evaluate(
     seed: int = 0,
     key_added: str | None = None,
     combination_separator: str = "+",
-    degs: Literal["condition", "pooled_doses"] = "condition",
+    degs: Literal["condition", "pooled_doses"] | Mapping[str, Sequence[str]] = "condition",
 ) -> pd.DataFrame:
     """Score predictions of held-out conditions next to simple baselines.
 
@@ -163,7 +164,10 @@ def evaluate(
         published sci-Plex DEG-R² values were computed. With few cells per condition the
         t-test of ``"condition"`` ranks first genes detected in none of them, and for a
         perturbation without effect the DEG-R² of every method is then a large negative number
-        (or undefined); pooling the doses gives more cells per list.
+        (or undefined); pooling the doses gives more cells per list. Or given lists: a mapping
+        from ``"perturbation | cell line"`` or ``"perturbation | dose | cell line"`` labels to
+        gene names, e.g. chemCPA's file's own lists from
+        :func:`gim_scvi.data.sciplex3_degs` (used as given, not cut to ``n_degs``).
 
     Returns
     -------
@@ -195,7 +199,7 @@ def evaluate(
     doses = doses if doses is not None else np.ones(adata.n_obs, np.float32)
     lines = np.asarray(model.cell_lines)[model._cell_line_codes(adata)]
     context = context_labels(names, doses, lines)
-    deg_group = _deg_groups(degs, names, doses, lines)
+    deg_group = None if isinstance(degs, Mapping) else _deg_groups(degs, names, doses, lines)
     normal = model.module.gene_likelihood == "normal"
     parts = _combination_parts(names, held, is_control, features, combination_separator)
 
@@ -209,13 +213,16 @@ def evaluate(
         for name, mask in (("control", is_control), ("held", held), ("train", train))
     }
     sel = np.concatenate([local["control"], local["held"]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        deg_lists = top_degs(
-            expr[sel], deg_group[idx][sel], is_control[idx][sel], lines[idx][sel], n_degs
-        )
     first_cell = pd.Series(np.flatnonzero(held)).groupby(context[held]).first()
-    deg_of_context = {ctx: deg_lists.get(deg_group[i]) for ctx, i in first_cell.items()}
+    if isinstance(degs, Mapping):
+        deg_of_context = _given_degs(degs, first_cell, names, lines, adata.var_names)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            deg_lists = top_degs(
+                expr[sel], deg_group[idx][sel], is_control[idx][sel], lines[idx][sel], n_degs
+            )
+        deg_of_context = {ctx: deg_lists.get(deg_group[i]) for ctx, i in first_cell.items()}
     pca = _fit_pca(expr, np.concatenate([local["train"], local["control"]]), n_pcs, rng)
 
     profiles = _training_profiles(features, train, context, real)
@@ -286,7 +293,7 @@ def evaluate(
                 "energy_cells": energy_cells,
                 "mode": mode,
                 "seed": seed,
-                "degs": degs,
+                "degs": "given" if isinstance(degs, Mapping) else degs,
             },
         }
     return out
@@ -299,6 +306,41 @@ def _deg_groups(degs: str, names: np.ndarray, doses: np.ndarray, lines: np.ndarr
     if degs == "pooled_doses":
         return context_labels(names, None, lines)
     raise ValueError(f"degs must be 'condition' or 'pooled_doses', got {degs!r}.")
+
+
+def _given_degs(
+    degs: Mapping[str, Sequence[str]],
+    first_cell: pd.Series,
+    names: np.ndarray,
+    lines: np.ndarray,
+    var_names: pd.Index,
+) -> dict[str, np.ndarray]:
+    """Gene indices of each held-out context's given DEGs (by its label, else its pooled one)."""
+    out, missing_contexts, missing_genes = {}, [], set()
+    for ctx, i in first_cell.items():
+        pooled = f"{names[i]} | {lines[i]}"
+        genes = degs.get(ctx, degs.get(pooled))
+        if genes is None:
+            missing_contexts.append(pooled)
+            continue
+        genes = pd.Index(np.asarray(genes).astype(str))
+        known = genes.isin(var_names)
+        missing_genes.update(genes[~known])
+        out[ctx] = var_names.get_indexer(genes[known])
+    if missing_contexts:
+        raise KeyError(
+            f"No DEG list for {len(set(missing_contexts))} held-out condition(s), e.g. "
+            f"{sorted(set(missing_contexts))[:3]}: give lists keyed by 'perturbation | cell line' "
+            "or 'perturbation | dose | cell line'."
+        )
+    if missing_genes:
+        warnings.warn(
+            f"{len(missing_genes)} given DEG(s) are not among the model's genes and are left "
+            f"out, e.g. {sorted(missing_genes)[:5]}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
 
 
 def _training_profiles(features, train, context, real) -> TrainingProfiles:
