@@ -109,10 +109,10 @@ def evaluate(
     ``log1p(normalize_total(1e4))`` expression of the predicted cells is compared with that of
     the real cells: R² on all genes and on the top ``n_degs`` DEGs (scanpy t-test of the
     held-out cells against the same line's controls, ranked by ``|score|``; see ``degs``),
-    unclipped and clipped at 0; the Pearson
-    correlation of the deltas to the control mean on all genes and on the DEGs; and the
-    Euclidean energy distance between predicted and real cells on ``n_pcs`` principal
-    components fitted on training cells (``energy_cells`` cells per side). The baselines
+    unclipped and clipped at 0; the Pearson correlation of the deltas to the control mean on
+    all genes and on the DEGs; and the Euclidean energy distance between predicted and real
+    cells on ``n_pcs`` principal components fitted on training cells (``energy_cells`` cells
+    per side). The baselines
     (:mod:`gim_scvi.tl._baselines`) are fitted on the training conditions only; their cells are
     the line's control cells shifted by their predicted change.
 
