@@ -88,9 +88,14 @@ def write_chemcpa(path, with_counts=True):
         adata.layers["counts"] = counts
     # as chemCPA: 50 DEGs (here 5) per line x drug over all doses, under each dose's key
     treated = obs.loc[~control, ["cov_drug_dose_name", "cell_type", "condition"]].astype(str)
+    treated = treated.drop_duplicates()
+    rng = np.random.default_rng(0)
+    per_pair = {
+        pair: rng.choice(genes, 5, replace=False)
+        for pair in treated[["cell_type", "condition"]].drop_duplicates().itertuples(index=False)
+    }
     adata.uns["all_DEGs"] = {
-        key: np.array(genes)[np.random.default_rng(len(line + drug)).permutation(len(genes))[:5]]
-        for key, line, drug in treated.drop_duplicates().itertuples(index=False)
+        key: per_pair[(line, drug)] for key, line, drug in treated.itertuples(index=False)
     }
     adata.write_h5ad(path)
     return adata
