@@ -99,3 +99,51 @@ def test_annotated_adata_works_with_plain_scanpy(trained):
     tad = model.targets_to_adata()
     axes = sc.pl.matrixplot(tad, var_names=list(tad.var_names), groupby="condition", show=False)
     assert "mainplot_ax" in axes
+
+
+def test_evaluation_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = []
+    for method, shift in [("ridge", 0.1), ("GIM", 0.3), ("control_mean", 0.0)]:
+        for i, dose in enumerate([10.0, 1000.0] * 3):
+            value = -50.0 if (method == "ridge" and i == 1) else shift + 0.01 * i
+            rows.append(
+                {
+                    "condition": f"d{i // 2}",
+                    "dose": dose,
+                    "cell_line": "A",
+                    "method": method,
+                    "r2_deg": value,
+                    "pearson_delta_deg": np.nan if method == "control_mean" else value,
+                }
+            )
+    table = pd.DataFrame(rows)
+    ax = gim_scvi.pl.evaluation(table, show=False)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["GIM\n(n=3)", "control\nmean\n(n=3)", "ridge\n(n=3)"]  # GIM first
+    # three highest-dose points per method (besides its mean diamond)
+    points = [c for c in ax.collections if len(c.get_offsets()) == 3]
+    assert len(points) == 3
+    assert _no_files(tmp_path)
+    # clipping: ridge's -50 is drawn at -1 as a triangle; its mean is below the axis
+    ax = gim_scvi.pl.evaluation(table, clip_lower=-1.0, show=False)
+    low = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections])
+    assert low.min() == -1.0
+    # undefined values are left out (the control mean has no Pearson of changes)
+    ax = gim_scvi.pl.evaluation(table, metric="pearson_delta_deg", doses="all", show=False)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["GIM\n(n=6)", "ridge\n(n=6)"]
+    adata = gim_scvi.data.synthetic(
+        n_drugs=6,
+        n_heldout_drugs=1,
+        n_validation_drugs=1,
+        cells_per_condition=1,
+        n_genes=20,
+        control_cells_per_line=5,
+    )
+    adata.uns["gim_eval"] = {"results": table}
+    gim_scvi.pl.evaluation(adata, save=tmp_path / "e.png", show=False)
+    assert (tmp_path / "e.png").exists()
+    with pytest.raises(ValueError, match="Unknown metric"):
+        gim_scvi.pl.evaluation(table, metric="accuracy", show=False)
+    with pytest.raises(KeyError, match="key_added='other'"):
+        gim_scvi.pl.evaluation(adata, key="other", show=False)

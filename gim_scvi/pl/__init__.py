@@ -3,9 +3,17 @@
 from gim_scvi.pl._plots import (
     causal_graph,
     dose_response,
+    evaluation,
     predicted_vs_observed,
     programs,
     targets,
 )
 
-__all__ = ["causal_graph", "dose_response", "predicted_vs_observed", "programs", "targets"]
+__all__ = [
+    "causal_graph",
+    "dose_response",
+    "evaluation",
+    "predicted_vs_observed",
+    "programs",
+    "targets",
+]

@@ -327,3 +327,99 @@ def programs(
         ax.set_axis_off()
     fig.tight_layout()
     return _finish(axes, show, save)
+
+
+METRIC_LABELS = {
+    "r2_all": "R² of means, all genes",
+    "r2_all_clipped": "R² of means, all genes (clipped at 0)",
+    "r2_deg": "R² of means, top DEGs",
+    "r2_deg_clipped": "R² of means, top DEGs (clipped at 0)",
+    "pearson_delta_all": "Pearson of changes, all genes",
+    "pearson_delta_deg": "Pearson of changes, top DEGs",
+    "energy_distance": "energy distance (lower is better)",
+}
+
+
+def evaluation(
+    results: pd.DataFrame | AnnData,
+    metric: str = "r2_deg",
+    doses: str = "highest",
+    key: str = "gim_eval",
+    clip_lower: float | None = None,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+):
+    """Per-condition scores of GIM and the baselines, one box and its points per method.
+
+    Each point is one held-out condition (perturbation x dose x cell line); the box spans the
+    quartiles with the median in black, the diamond is the method's mean, and the number under
+    its name counts the conditions with a defined value.
+
+    Parameters
+    ----------
+    results
+        The table of :func:`gim_scvi.tl.evaluate`, or an AnnData it wrote to
+        ``.uns[key]`` (``key_added``).
+    metric
+        A score column of the table, e.g. ``"r2_deg"``, ``"pearson_delta_deg"`` or
+        ``"energy_distance"``.
+    doses
+        ``"highest"``: conditions at the highest dose (the headline comparison, as in
+        :func:`gim_scvi.tl.summarize`); ``"all"``: every condition.
+    key
+        Key of ``.uns`` when ``results`` is an AnnData.
+    clip_lower
+        Draw values below this at it (as triangles), so that a few very negative R² do not
+        squeeze the rest; the means are of the unclipped values.
+    ax, show, save
+        Matplotlib Axes to draw into; show / save the figure.
+    """
+    table = _evaluation_table(results, key)
+    if metric not in table or metric not in METRIC_LABELS:
+        raise ValueError(f"Unknown metric {metric!r}; choose from {sorted(METRIC_LABELS)}.")
+    if doses not in ("highest", "all"):
+        raise ValueError(f"doses must be 'highest' or 'all', got {doses!r}.")
+    if doses == "highest":
+        table = table[table["dose"] == table["dose"].max()]
+    table = table.dropna(subset=[metric])
+    if table.empty:
+        raise ValueError(f"No defined value of {metric!r} to plot.")
+    methods = sorted(table["method"].unique(), key=lambda m: (m != "GIM", m))
+    values = [table.loc[table["method"] == m, metric].to_numpy(float) for m in methods]
+    ax = _new_ax(ax, (1.2 + 1.1 * len(methods), 4))
+    rng = np.random.default_rng(0)
+    shown = [v if clip_lower is None else np.maximum(v, clip_lower) for v in values]
+    ax.boxplot(
+        shown,
+        positions=range(len(methods)),
+        widths=0.5,
+        showfliers=False,
+        medianprops={"color": "black"},
+    )
+    for i, (raw, drawn) in enumerate(zip(values, shown, strict=True)):
+        x = i + rng.uniform(-0.15, 0.15, len(raw))
+        clipped = raw < drawn
+        ax.scatter(x[~clipped], drawn[~clipped], s=10, alpha=0.6, color="C0", zorder=3)
+        ax.scatter(x[clipped], drawn[clipped], s=16, marker="v", color="C3", zorder=3)
+        mean = raw.mean()
+        if clip_lower is None or mean >= clip_lower:
+            ax.scatter([i], [mean], s=50, marker="D", color="C1", zorder=4)
+    ax.set_xticks(range(len(methods)))
+    names = [m.replace("_", "\n") for m in methods]  # "nearest_drug" -> two short lines
+    ax.set_xticklabels([f"{m}\n(n={len(v)})" for m, v in zip(names, values, strict=True)])
+    ax.set_ylabel(METRIC_LABELS[metric])
+    ax.set_title("held-out conditions, " + ("highest dose" if doses == "highest" else "all doses"))
+    return _finish(ax, show, save)
+
+
+def _evaluation_table(results: pd.DataFrame | AnnData, key: str) -> pd.DataFrame:
+    """The per-condition table of :func:`gim_scvi.tl.evaluate` from a table or an AnnData."""
+    if isinstance(results, AnnData):
+        if key not in results.uns or "results" not in results.uns[key]:
+            raise KeyError(
+                f"adata.uns[{key!r}] holds no evaluation: run "
+                f"gim_scvi.tl.evaluate(..., key_added={key!r}) first."
+            )
+        return pd.DataFrame(results.uns[key]["results"])
+    return results
