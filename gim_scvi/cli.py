@@ -101,8 +101,8 @@ def _demo(args: argparse.Namespace) -> int:
     model.save(str(out / "model"), overwrite=True)
     combos = ", combination_metrics.csv" if args.n_combinations > 0 else ""
     print(
-        f"\nwrote {out}/heldout_metrics.csv, heldout_summary.csv{combos}, demo_annotated.h5ad, "
-        "model/"
+        f"\nwrote {out}/heldout_metrics.csv, heldout_summary.csv, heldout_scores.png{combos}, "
+        "demo_annotated.h5ad, model/"
     )
     return 0
 
@@ -158,9 +158,28 @@ def _print_summary(summary: pd.DataFrame) -> None:
 
 
 def _write_tables(out: Path, results: pd.DataFrame, summary: pd.DataFrame) -> None:
-    """Per-condition metrics and their summary as CSV files in ``out``."""
+    """Per-condition metrics and their summary as CSV files in ``out``, and their figure."""
     results.to_csv(out / "heldout_metrics.csv", index=False)
     summary.to_csv(out / "heldout_summary.csv", index=False)
+    _write_scores_figure(out / "heldout_scores.png", results)
+
+
+def _write_scores_figure(path: Path, results: pd.DataFrame) -> None:
+    """DEG-R² and Pearson of changes per method at the highest dose (no display needed)."""
+    from matplotlib.figure import Figure
+
+    import gim_scvi
+
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("r2_deg", "pearson_delta_deg"), strict=True):
+        if results[metric].notna().any():
+            gim_scvi.pl.evaluation(results, metric=metric, clip_lower=-1.0, ax=ax, show=False)
+        else:  # e.g. DEGs all undefined on a tiny data set
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{metric}: no defined value", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -188,7 +207,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_tables(out, results, summary)
-    print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv")
+    print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv, heldout_scores.png")
     return 0
 
 
@@ -251,7 +270,7 @@ def _train(args: argparse.Namespace) -> int:
         print("recovery: " + ", ".join(f"{k} {v:.3f}" for k, v in recovery.items()))
     _write_tables(out, results, summary)
     model.save(str(out / "model"), overwrite=True)
-    print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv, model/")
+    print(f"wrote {out}/heldout_metrics.csv, heldout_summary.csv, heldout_scores.png, model/")
     return 0
 
 

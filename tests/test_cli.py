@@ -17,6 +17,7 @@ def test_demo_small(tmp_path, capsys):
     table = pd.read_csv(out / "heldout_summary.csv")
     assert {"GIM", "control_mean", "mean_shift", "nearest_drug", "ridge"} == set(table["method"])
     assert (out / "demo_annotated.h5ad").exists() and (out / "model" / "model.pt").exists()
+    assert (out / "heldout_scores.png").stat().st_size > 0
     # pairs of training drugs, scored next to the additive baseline
     assert "pairs of training drugs given together" in printed
     combos = pd.read_csv(out / "combination_metrics.csv")
