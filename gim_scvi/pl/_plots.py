@@ -371,7 +371,7 @@ def evaluation(
         Key of ``.uns`` when ``results`` is an AnnData.
     clip_lower
         Draw values below this at it (as triangles), so that a few very negative R² do not
-        squeeze the rest; the means are of the unclipped values.
+        squeeze the rest; the means are of the unclipped values (one below it is not drawn).
     ax, show, save
         Matplotlib Axes to draw into; show / save the figure.
     """
