@@ -14,6 +14,7 @@ def test_demo_small(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "held-out drugs" in printed and "target_auroc" in printed
+    assert "GIM against each baseline" in printed and "95% interval" in printed
     table = pd.read_csv(out / "heldout_summary.csv")
     assert {"GIM", "control_mean", "mean_shift", "nearest_drug", "ridge"} == set(table["method"])
     assert (out / "demo_annotated.h5ad").exists() and (out / "model" / "model.pt").exists()

@@ -329,3 +329,54 @@ def test_evaluate_pooled_dose_degs(trained):
     with pytest.warns(UserWarning, match="not among the model's genes"):
         unknown = {k: [*v, "no_such_gene"] for k, v in given.items()}
         gim_scvi.tl.evaluate(model, adata, degs=unknown, **kwargs)
+
+
+def _table(values: dict[str, list[float]], drugs: list[str], metric: str = "r2_deg"):
+    rows = []
+    for method, vals in values.items():
+        for i, (drug, v) in enumerate(zip(drugs, vals, strict=True)):
+            rows.append(
+                {
+                    "condition": drug,
+                    "dose": 1000.0,
+                    "cell_line": f"L{i}",
+                    "method": method,
+                    metric: v,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_compare_paired_cluster_bootstrap():
+    from gim_scvi.tl._compare import _cluster_bootstrap_means
+
+    drugs = ["a", "a", "b", "b"]
+    table = _table({"GIM": [0.5, 0.6, 0.7, 0.8], "ridge": [0.4, 0.5, 0.6, 0.7]}, drugs)
+    out = gim_scvi.tl.compare(table).set_index("method")
+    assert out.loc["ridge", "difference"] == pytest.approx(0.1)
+    assert out.loc["ridge", ["ci_low", "ci_high"]].tolist() == pytest.approx([0.1, 0.1])
+    assert out.loc["ridge", "p_reference_better"] == 1.0
+    assert out.loc["ridge", ["n_perturbations", "n_conditions"]].tolist() == [2, 4]
+    # whole perturbations are resampled: drug a (3 conditions, +1) and b (1 condition, -1)
+    # give only the means of {a, a}, {a, b}, {b, b}; resampling conditions would give others
+    boot = _cluster_bootstrap_means(
+        np.array([1.0, 1.0, 1.0, -1.0]),
+        np.array(["a", "a", "a", "b"]),
+        500,
+        np.random.default_rng(0),
+    )
+    assert set(np.round(np.unique(boot), 6)) <= {1.0, 0.5, -1.0}
+    assert len(np.unique(boot)) == 3
+    # undefined values are not paired; lower-is-better metrics flip the sign
+    table = _table(
+        {"GIM": [1.0, np.nan, 2.0], "nearest_drug": [3.0, 1.0, 3.0]},
+        ["a", "b", "c"],
+        metric="energy_distance",
+    )
+    out = gim_scvi.tl.compare(table, metric="energy_distance").set_index("method")
+    assert out.loc["nearest_drug", "n_conditions"] == 2
+    assert out.loc["nearest_drug", "difference"] == pytest.approx(1.5)  # GIM is closer
+    with pytest.raises(ValueError, match="No method 'chemCPA'"):
+        gim_scvi.tl.compare(table, metric="energy_distance", reference="chemCPA")
+    with pytest.raises(KeyError, match="no column 'r2_deg'"):
+        gim_scvi.tl.compare(table)

@@ -1,6 +1,7 @@
 """Tools: write results into AnnData, score predictions."""
 
 from gim_scvi.tl._annotate import annotate
+from gim_scvi.tl._compare import compare
 from gim_scvi.tl._evaluate import evaluate, ground_truth_recovery, lognorm, summarize
 from gim_scvi.tl._metrics import (
     graph_recovery,
@@ -12,6 +13,7 @@ from gim_scvi.tl._metrics import (
 
 __all__ = [
     "annotate",
+    "compare",
     "evaluate",
     "graph_recovery",
     "ground_truth_recovery",
