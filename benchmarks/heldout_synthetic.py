@@ -10,7 +10,9 @@ trains on every drug with one dose (``--dose``, default 1000 nM) held out everyw
 the ``nearest_dose`` baseline; ``--compare-joint`` also scores each trained model with the
 generator trained jointly with it instead of the ensemble (``GIM_joint_generator``), and
 ``--combinations N`` also scores N pairs of training drugs given together (``additive``
-baseline)::
+baseline). ``--data-kwargs`` changes the simulation (e.g. ``'{"n_drugs": 96,
+"n_heldout_drugs": 24}'``). GIM minus each baseline, with intervals from resampling the
+held-out drugs (:func:`gim_scvi.tl.compare`), is written to ``heldout_compare*.csv``::
 
     python benchmarks/heldout_synthetic.py --split dose --seeds 0 1 --epochs 60
 """
@@ -29,6 +31,7 @@ import scvi
 import gim_scvi
 
 BASELINES = ("control_mean", "mean_shift", "nearest_drug", "ridge")
+COMPARED_METRICS = ("r2_deg", "pearson_delta_deg")
 
 
 def run(
@@ -40,10 +43,11 @@ def run(
     train_kwargs: dict | None = None,
     compare_joint: bool = False,
     combinations: int = 0,
-) -> tuple[pd.DataFrame, dict, pd.DataFrame | None]:
+    data_kwargs: dict | None = None,
+) -> tuple[pd.DataFrame, dict, pd.DataFrame | None, pd.DataFrame]:
     scvi.settings.seed = seed
     # pairs of training drugs (split "combo") leave the single-drug cells and training as is
-    adata = gim_scvi.data.synthetic(seed=seed, n_combinations=combinations)
+    adata = gim_scvi.data.synthetic(seed=seed, n_combinations=combinations, **(data_kwargs or {}))
     gim_scvi.GIM.setup_anndata(
         adata,
         features_key="drug_features",
@@ -80,6 +84,11 @@ def run(
         scores = pd.concat([scores, joint.assign(method="GIM_joint_generator")])
     summary = gim_scvi.tl.summarize(scores)
     summary.insert(0, "seed", seed)
+    # GIM minus each other method, with intervals from resampling the held-out drugs
+    comparison = pd.concat(
+        [gim_scvi.tl.compare(scores, metric=m).assign(metric=m) for m in COMPARED_METRICS]
+    )
+    comparison.insert(0, "seed", seed)
     combo = None
     if combinations:
         combo = gim_scvi.tl.summarize(
@@ -91,7 +100,7 @@ def run(
         "train_seconds": round(train_s, 1),
         **{f"pruned_{k}": v for k, v in model.graph_pruning_.items()},
     }
-    return summary, recovery, combo
+    return summary, recovery, combo, comparison
 
 
 def main() -> None:
@@ -100,6 +109,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--model-kwargs", default="{}", help="JSON dict for gim_scvi.GIM")
     parser.add_argument("--train-kwargs", default="{}", help="JSON dict for GIM.train")
+    parser.add_argument(
+        "--data-kwargs",
+        default="{}",
+        help="JSON dict for gim_scvi.data.synthetic (e.g. more drugs and held-out drugs)",
+    )
     parser.add_argument("--suffix", default="", help="appended to the CSV file names")
     parser.add_argument(
         "--split", choices=["drug", "dose"], default="drug", help="hold out drugs or one dose"
@@ -123,9 +137,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.combinations and args.split != "drug":
         parser.error("--combinations needs --split drug")
-    summaries, recoveries, combos = [], [], []
+    summaries, recoveries, combos, comparisons = [], [], [], []
     for seed in args.seeds:
-        summary, recovery, combo = run(
+        summary, recovery, combo, comparison = run(
             seed,
             args.epochs,
             json.loads(args.model_kwargs),
@@ -134,7 +148,9 @@ def main() -> None:
             json.loads(args.train_kwargs),
             args.compare_joint,
             args.combinations,
+            json.loads(args.data_kwargs),
         )
+        comparisons.append(comparison)
         summaries.append(summary)
         recoveries.append(recovery)
         combos.append(combo)
@@ -155,6 +171,13 @@ def main() -> None:
     suffix = ("" if args.split == "drug" else "_dose") + args.suffix
     summary.to_csv(out / f"heldout_summary{suffix}.csv", index=False)
     recovery.to_csv(out / f"recovery{suffix}.csv", index=False)
+    comparison = pd.concat(comparisons)
+    print(
+        comparison[["seed", "metric", "method", "difference", "ci_low", "ci_high"]].to_string(
+            index=False, float_format=lambda v: f"{v:+.3f}"
+        )
+    )
+    comparison.to_csv(out / f"heldout_compare{suffix}.csv", index=False)
     if args.combinations:
         combo = pd.concat(combos)
         print(combo[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
