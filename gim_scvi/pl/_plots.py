@@ -375,14 +375,12 @@ def evaluation(
     ax, show, save
         Matplotlib Axes to draw into; show / save the figure.
     """
+    from gim_scvi.tl._evaluate import conditions_at
+
     table = _evaluation_table(results, key)
     if metric not in table or metric not in METRIC_LABELS:
         raise ValueError(f"Unknown metric {metric!r}; choose from {sorted(METRIC_LABELS)}.")
-    if doses not in ("highest", "all"):
-        raise ValueError(f"doses must be 'highest' or 'all', got {doses!r}.")
-    if doses == "highest":
-        table = table[table["dose"] == table["dose"].max()]
-    table = table.dropna(subset=[metric])
+    table = conditions_at(table, doses).dropna(subset=[metric])
     if table.empty:
         raise ValueError(f"No defined value of {metric!r} to plot.")
     methods = sorted(table["method"].unique(), key=lambda m: (m != "GIM", m))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from gim_scvi.tl._evaluate import conditions_at
+
 LOWER_IS_BETTER = {"energy_distance"}
 
 
@@ -54,11 +56,9 @@ def compare(
     for col in ("condition", "dose", "cell_line", "method", metric):
         if col not in results:
             raise KeyError(f"results has no column {col!r}: pass the table of tl.evaluate.")
-    if doses not in ("highest", "all"):
-        raise ValueError(f"doses must be 'highest' or 'all', got {doses!r}.")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
-    table = results if doses == "all" else results[results["dose"] == results["dose"].max()]
+    table = conditions_at(results, doses)
     wide = table.pivot_table(
         index=["condition", "dose", "cell_line"], columns="method", values=metric, dropna=False
     )

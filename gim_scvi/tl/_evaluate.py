@@ -447,6 +447,15 @@ def _score(true, pred, control, deg_idx) -> dict[str, float]:
     return out
 
 
+def conditions_at(results: pd.DataFrame, doses: str) -> pd.DataFrame:
+    """Rows of an :func:`evaluate` table at the highest dose (``"highest"``) or all (``"all"``)."""
+    if doses == "all":
+        return results
+    if doses == "highest":
+        return results[results["dose"] == results["dose"].max()]
+    raise ValueError(f"doses must be 'highest' or 'all', got {doses!r}.")
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and median of each metric per method, at the highest dose and over all doses.
 
@@ -456,7 +465,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     of the cells of a condition with few cells (the t-test ranks them first).
     """
     metrics = [c for c in results.columns if c.startswith(("r2_", "pearson_", "energy_"))]
-    top = results[results["dose"] == results["dose"].max()]
+    top = conditions_at(results, "highest")
     parts = []
     for label, frame in [("highest_dose", top), ("all_doses", results)]:
         groups = frame.groupby("method")
