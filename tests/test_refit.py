@@ -13,6 +13,7 @@ from gim_scvi.model._refit import (
     member_temperatures,
     member_weight_decays,
     refit_generator,
+    refit_seen_perturbations,
 )
 from gim_scvi.module import GIMModule
 from tests.conftest import make_small, setup
@@ -205,7 +206,7 @@ def test_stronger_penalty_shrinks_the_shift():
     assert size[2] < 0.5 * size[0]
 
 
-def test_seen_perturbations_keep_the_joint_generator(tmp_path):
+def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
     scvi.settings.seed = 0
     adata = setup(make_small())
     model = gim_scvi.GIM(adata, n_programs=3, n_generators=2)
@@ -221,6 +222,9 @@ def test_seen_perturbations_keep_the_joint_generator(tmp_path):
     control = adata.obs["control"].to_numpy()
     train_rows = np.unique(adata.obsm["drug_features"][(split == "train") & ~control], axis=0)
     assert torch.equal(module.seen_features, torch.as_tensor(train_rows))
+    # every training drug was seen in both lines: all its (drug, line) pairs are fitted
+    assert module.seen_fitted.shape == (len(train_rows), 2) and module.seen_fitted.all()
+    assert "seen_refit_loss" in model.train_params_
     seen = adata.obsm["drug_features"][(split == "train") & ~control][:1]
     unseen = adata.obsm["drug_features"][split == "test"][:1]
     features = torch.as_tensor(np.vstack([seen, unseen, 0.5 * seen]))
@@ -230,19 +234,70 @@ def test_seen_perturbations_keep_the_joint_generator(tmp_path):
         out = module.intervention(features, dose, line, mode="mean")
         args = (features, dose, line, "mean", None)
         joint = module._generated_intervention(module.joint_generator, *args)
+        own = module._generated_intervention(
+            module.joint_generator, *args, module.seen_index(features)
+        )
         ensemble = module._generated_intervention(module.generator, *args)
+    assert module.seen_index(features)[1:].tolist() == [-1, -1]
     assert module.seen_rows(features).tolist() == [True, False, False]
-    for key in ("shift", "target_probs", "target_kl"):
+    for key in ("target_probs", "target_kl"):  # targets: the joint generator's
         assert torch.allclose(out[key][0], joint[key][0])
+    # sizes and dose response: the drug's own fit
+    assert torch.allclose(out["shift"][0], own["shift"][0])
+    assert not torch.allclose(out["shift"][0], joint["shift"][0])
+    for key in ("shift", "target_probs", "target_kl"):
         assert torch.allclose(out[key][1:], ensemble[key][1:])
-    assert not torch.allclose(out["shift"][0], ensemble["shift"][0])
     model.save(tmp_path / "m")
     loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
-    assert torch.equal(loaded.module.seen_features, module.seen_features)
+    for name in ("seen_features", "seen_params", "seen_fitted"):
+        assert torch.equal(getattr(loaded.module, name), getattr(module, name))
+
+    def fresh_with(state):
+        fresh = GIMModule(
+            n_input=adata.n_vars, n_features=8, n_programs=3, n_cell_lines=2, n_generators=2
+        )
+        fresh.load_state_dict(state)
+        return fresh.eval()
+
     # a state saved before the training perturbations were kept loads with none seen
-    state = {k: v for k, v in module.state_dict().items() if k != "seen_features"}
-    fresh = GIMModule(
-        n_input=adata.n_vars, n_features=8, n_programs=3, n_cell_lines=2, n_generators=2
+    new_keys = ("seen_features", "seen_params", "seen_fitted")
+    fresh = fresh_with({k: v for k, v in module.state_dict().items() if k not in new_keys})
+    assert fresh.seen_features.shape == (0, 8) and fresh.seen_fitted.shape == (0, 2)
+    # one saved before the per-perturbation fits: seen, none fitted (the generator acts)
+    fresh = fresh_with({k: v for k, v in module.state_dict().items() if k not in new_keys[1:]})
+    assert fresh.seen_fitted.shape == (len(train_rows), 2) and not fresh.seen_fitted.any()
+    with torch.no_grad():
+        again = fresh.intervention(features, dose, line, mode="mean")
+    assert torch.allclose(again["shift"][0], joint["shift"][0])
+
+
+def test_seen_perturbations_get_their_own_shifts_and_dose_response():
+    torch.manual_seed(0)
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=0)
+    contexts, truth = _known_contexts(module)
+    module.set_seen_features(torch.as_tensor(np.unique(contexts.features, axis=0)))
+    heads = module.joint_generator.members[0].heads
+    with torch.no_grad():  # every drug: programs 0 and 2 targeted, no shift, whatever the input
+        heads.weight.zero_()
+        bias = heads.bias.view(4, 3)
+        bias.zero_()
+        bias[0] = torch.tensor([6.0, -6.0, 6.0])
+    module.eval()
+    args = (
+        torch.tensor(contexts.features),
+        torch.tensor(contexts.dose),
+        torch.zeros(4, 1, dtype=torch.long),
     )
-    fresh.load_state_dict(state)
-    assert fresh.seen_features.shape == (0, 8)
+    with torch.no_grad():
+        before = module.intervention(*args, mode="mean")
+    assert before["shift"].abs().max() < 1e-6
+    refit_seen_perturbations(module, contexts, n_steps=600, lr=0.05)
+    assert module.seen_fitted.all()
+    with torch.no_grad():
+        after = module.intervention(*args, mode="mean")
+    np.testing.assert_allclose(after["shift"].numpy(), truth, atol=0.3)
+    torch.testing.assert_close(after["target_probs"], before["target_probs"])
+    # a context of a perturbation never seen is an error, not silently skipped
+    unseen = ContextResiduals(**{**contexts.__dict__, "features": contexts.features + 5.0})
+    with pytest.raises(ValueError, match="seen_features"):
+        refit_seen_perturbations(module, unseen, n_steps=1)

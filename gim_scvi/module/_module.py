@@ -15,6 +15,7 @@ from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
 from gim_scvi.module._decoder import Likelihood, ProgramDecoder
 from gim_scvi.module._generator import (
     GeneratorEnsemble,
+    InterventionParams,
     bernoulli_kl,
     relaxed_bernoulli,
 )
@@ -187,25 +188,73 @@ class GIMModule(BaseModuleClass):
         self.register_buffer("log_library_sd", torch.full((self.n_cell_lines,), 0.5))
         # raw feature rows of the training perturbations (set by the model before training)
         self.register_buffer("seen_features", torch.zeros(0, n_features))
+        # each seen perturbation's own shift, log EC50 and slope per cell line (fitted after
+        # training by `gim_scvi.model._refit.refit_seen_perturbations`) and where they are set
+        self.register_buffer("seen_params", torch.zeros(0, self.n_cell_lines, 3, n_programs))
+        self.register_buffer("seen_fitted", torch.zeros(0, self.n_cell_lines, dtype=torch.bool))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Size ``seen_features`` to the saved one (none in models saved before it existed)."""
-        key = prefix + "seen_features"
-        if key not in state_dict:
-            state_dict[key] = self.seen_features.new_zeros(0, self.seen_features.shape[1])
-        self.seen_features = torch.empty_like(state_dict[key])
+        """Size the seen-perturbation buffers to the saved ones (none in older models)."""
+        n_seen = state_dict.get(prefix + "seen_features", self.seen_features[:0]).shape[0]
+        for name in ("seen_features", "seen_params", "seen_fitted"):
+            key = prefix + name
+            buffer = getattr(self, name)
+            if key not in state_dict:  # saved before it existed: nothing fitted
+                state_dict[key] = buffer.new_zeros(
+                    n_seen if name != "seen_features" else 0, *buffer.shape[1:]
+                )
+            setattr(self, name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def seen_rows(self, features: torch.Tensor) -> torch.Tensor:
-        """Which rows of raw ``features`` are exactly those of a training perturbation."""
+    def set_seen_features(self, features: torch.Tensor) -> None:
+        """Keep the training perturbations' feature rows; forgets any earlier per-row fit."""
+        self.seen_features = features.float().to(self.seen_features.device)
+        n_seen = features.shape[0]
+        self.seen_params = self.seen_params.new_zeros(n_seen, *self.seen_params.shape[1:])
+        self.seen_fitted = self.seen_fitted.new_zeros(n_seen, self.n_cell_lines)
+
+    def seen_index(self, features: torch.Tensor) -> torch.Tensor:
+        """Row of ``seen_features`` equal to each row of raw ``features`` (-1 if none)."""
+        none = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
         if self.seen_features.shape[0] == 0:
-            return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+            return none
         distance = torch.cdist(
             features.float(),
             self.seen_features,
             compute_mode="donot_use_mm_for_euclid_dist",  # exact: equal rows give 0
         )
-        return (distance <= 1e-6).any(dim=1)
+        closest = distance.min(dim=1)
+        return torch.where(closest.values <= 1e-6, closest.indices, none)
+
+    def seen_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """Which rows of raw ``features`` are exactly those of a training perturbation."""
+        return self.seen_index(features) >= 0
+
+    def with_seen_fits(
+        self, params: InterventionParams, seen_index: torch.Tensor, cell_line: torch.Tensor
+    ) -> InterventionParams:
+        """``params`` with shift, log EC50 and slope of fitted seen rows replaced by their fit.
+
+        The target logits (which programs a perturbation targets) stay the generator's.
+        """
+        if self.seen_fitted.shape[0] == 0:
+            return params
+        index = seen_index.clamp(min=0)
+        line = cell_line.view(-1)
+        use = (seen_index >= 0) & self.seen_fitted[index, line]
+        if not use.any():
+            return params
+        fitted = self.seen_params[index, line]  # n x 3 x K
+        use = use[:, None]
+
+        def pick(column: int, value: torch.Tensor) -> torch.Tensor:
+            return torch.where(use, fitted[:, column], value)
+
+        return params._replace(
+            shift=pick(0, params.shift),
+            log_ec50=pick(1, params.log_ec50),
+            slope=pick(2, params.slope),
+        )
 
     # ------------------------------------------------------------------ interventions
     def standardise_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -266,17 +315,21 @@ class GIMModule(BaseModuleClass):
         Once the ensemble is fitted, it acts for perturbations unseen in training, while a
         row whose features are exactly those of a training perturbation keeps the jointly
         trained generator, which fits each training perturbation (and so its response at a
-        dose never measured) more closely than the ensemble of linear maps.
+        dose never measured) more closely than the ensemble of linear maps. Where that
+        perturbation's shift sizes and dose response have been fitted on its own cells in a
+        cell line (``seen_fitted``, set after training), they replace the generator's there;
+        its targets stay the generator's.
         """
         net = self.active_generator
         out = self._generated_intervention(net, features, dose, cell_line, mode, generator)
-        if net is self.joint_generator or mode == "relaxed":
+        if mode == "relaxed":
             return out
-        seen = self.seen_rows(features)
-        if not seen.any():
+        seen_index = self.seen_index(features)
+        seen = seen_index >= 0
+        if not seen.any() or (net is self.joint_generator and not self.seen_fitted.any()):
             return out
         own = self._generated_intervention(
-            self.joint_generator, features, dose, cell_line, mode, generator
+            self.joint_generator, features, dose, cell_line, mode, generator, seen_index
         )
         rows = seen[:, None]
         return {
@@ -294,9 +347,16 @@ class GIMModule(BaseModuleClass):
         cell_line: torch.Tensor,
         mode: PredictMode | Literal["relaxed"],
         generator: torch.Generator | None,
+        seen_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """:meth:`intervention` from one generator ensemble."""
+        """:meth:`intervention` from one generator ensemble.
+
+        With ``seen_index`` (see :meth:`seen_index`), rows of seen perturbations take their
+        fitted shift and dose response (:meth:`with_seen_fits`).
+        """
         params = net(self.standardise_features(features), cell_line)
+        if seen_index is not None:
+            params = self.with_seen_fits(params, seen_index, cell_line)
         probs = torch.sigmoid(params.target_logits)  # members x n x K
         n_members, n_rows = probs.shape[:2]
         weight = probs.new_full((n_members, n_rows, 1), 1.0 / n_members)
