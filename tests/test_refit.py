@@ -247,6 +247,15 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
     assert not torch.allclose(out["shift"][0], joint["shift"][0])
     for key in ("shift", "target_probs", "target_kl"):
         assert torch.allclose(out[key][1:], ensemble[key][1:])
+    # a cell line where the drug has no fit (never seen there) keeps the joint generator
+    in_line_1 = (features[:1], dose[:1], torch.ones(1, 1, dtype=torch.long))
+    with torch.no_grad():
+        fitted = module.intervention(*in_line_1, mode="mean")["shift"]
+        module.seen_fitted[module.seen_index(features[:1]), 1] = False
+        unfitted = module.intervention(*in_line_1, mode="mean")["shift"]
+        joint_1 = module._generated_intervention(module.joint_generator, *in_line_1, "mean", None)
+        module.seen_fitted[module.seen_index(features[:1]), 1] = True
+    assert torch.allclose(unfitted, joint_1["shift"]) and not torch.allclose(fitted, unfitted)
     model.save(tmp_path / "m")
     loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
     for name in ("seen_features", "seen_params", "seen_fitted"):
