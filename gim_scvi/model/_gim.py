@@ -454,17 +454,21 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         seed = scvi.settings.seed or 0
         seen_loss = refit_seen_perturbations(self.module, contexts, seed=seed)
         self.train_params_["seen_refit_loss"] = round(seen_loss, 4)
+        logger.info(
+            "Shift sizes and dose response of each training perturbation fitted on its %d "
+            "training conditions (final loss %.3f).",
+            len(contexts.n_cells),
+            seen_loss,
+        )
         if self.module.generator is None:
             return
         losses = refit_generator(self.module, contexts, n_steps=n_steps, seed=seed, **kwargs)
         self.train_params_["generator_refit_loss"] = [round(v, 4) for v in losses]
         logger.info(
-            "Generator refit on %d training conditions: %d member(s), final loss %s; each "
-            "training perturbation's shifts and dose response fitted (loss %.3f).",
+            "Generator refit on %d training conditions: %d member(s), final loss %s.",
             len(contexts.n_cells),
             len(losses),
             ", ".join(f"{v:.3f}" for v in losses),
-            seen_loss,
         )
 
     def _finish_training(self, graph_threshold: float) -> None:
