@@ -120,7 +120,7 @@ def test_context_residuals_match_encoded_training_cells():
     (_drug, dose, line), frame = next(iter(groups))
     cells = np.flatnonzero(adata.obs_names.isin(frame.index))
     z = model.get_latent_representation(indices=cells)
-    system = model.module.scm.system_matrix().detach().numpy()
+    system = model.module.scm.system_matrix().detach().cpu().numpy()
     line_code = model.cell_lines.index(line)
     controls = np.flatnonzero(
         adata.obs["control"].to_numpy() & (adata.obs["cell_line"] == line).to_numpy()
@@ -217,6 +217,7 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
         enable_progress_bar=False,
         generator_refit_steps=30,
     )
+    model.to_device("cpu")  # trained on a GPU where there is one; the checks build CPU tensors
     module = model.module
     split = adata.obs["split"].astype(str).to_numpy()
     control = adata.obs["control"].to_numpy()
@@ -259,7 +260,7 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
     model.save(tmp_path / "m")
     loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
     for name in ("seen_features", "seen_params", "seen_fitted"):
-        assert torch.equal(getattr(loaded.module, name), getattr(module, name))
+        assert torch.equal(getattr(loaded.module, name).cpu(), getattr(module, name))
 
     def fresh_with(state):
         fresh = GIMModule(

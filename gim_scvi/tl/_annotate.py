@@ -136,7 +136,10 @@ def _per_cell(model, adata, batch_size, layers):
     start = 0
     for tensors in scdl:
         inf = module.inference(**module._get_inference_input(tensors))
-        gen_in = module._get_generative_input(tensors, inf)
+        gen_in = {  # the loader's tensors are on the CPU, the module may be on a GPU
+            key: value.to(module.device) if isinstance(value, torch.Tensor) else value
+            for key, value in module._get_generative_input(tensors, inf).items()
+        }
         z = inf["qz"].loc
         shift, log_scale, _ = module._contextual_intervention(
             gen_in["features"], gen_in["dose"], gen_in["cell_line"], gen_in["treated"]
