@@ -69,6 +69,14 @@ class DrugInterventions(nn.Module):
         self.table = nn.Parameter(torch.randn(len(rows), n_cell_lines, 4, n_programs) * 0.01)
         self.drug = None  # drug of each fitted context, set by fit_drug_interventions
 
+    def index(self, features: torch.Tensor) -> torch.Tensor:
+        """Row of ``rows`` equal to each row of raw ``features`` (-1 if none)."""
+        distance = torch.cdist(
+            features.float(), self.rows, compute_mode="donot_use_mm_for_euclid_dist"
+        )
+        closest = distance.min(dim=1)
+        return torch.where(closest.values < 1e-6, closest.indices, -1)
+
     def params(self, drug: torch.Tensor, cell_line: torch.Tensor) -> InterventionParams:
         out = self.table[drug, cell_line.view(-1)]
         slope = F.softplus(out[:, 3] + 1.0) + 0.1
@@ -121,50 +129,61 @@ def neighbour_weights(features: torch.Tensor, rows: torch.Tensor, tau: float, k:
     return torch.softmax(sim.float() / tau, dim=1)
 
 
-def neighbour_intervention(module, fitted, features, dose, cell_line, mode, tau, k):
-    """Mixture of the training drugs' interventions (expected values, like ``mode="mean"``)."""
-    weights = neighbour_weights(features, fitted.rows, tau, k)
-    n, n_drugs = weights.shape
-    params = fitted.params(
-        torch.arange(n_drugs).repeat(n), cell_line.repeat_interleave(n_drugs, 0)
-    )
+def drug_intervention(module, fitted, drug, cell_line, dose, mode) -> dict:
+    """Intervention of the fitted drugs ``drug`` (row indices) in ``cell_line`` at ``dose``."""
+    params = fitted.params(drug, cell_line)
     probs = torch.sigmoid(params.target_logits)
     targets = (probs > 0.5).to(probs.dtype) if mode == "map" else probs
-    log_dose = module.standardise_log_dose(
-        None if dose is None else dose.repeat_interleave(n_drugs, 0)
-    )
-    response = fitted.dose_response(params, log_dose)
-    out = {
+    response = fitted.dose_response(params, module.standardise_log_dose(dose))
+    return {
         "shift": targets * response * params.shift,
         "target_probs": probs,
         "targets": targets,
         "dose_response": response,
     }
+
+
+def neighbour_intervention(module, fitted, features, dose, cell_line, mode, tau, k):
+    """Mixture of the training drugs' interventions (expected values, like ``mode="mean"``)."""
+    weights = neighbour_weights(features, fitted.rows, tau, k)
+    n, n_drugs = weights.shape
+    out = drug_intervention(
+        module,
+        fitted,
+        torch.arange(n_drugs).repeat(n),
+        cell_line.repeat_interleave(n_drugs, 0),
+        None if dose is None else dose.repeat_interleave(n_drugs, 0),
+        mode,
+    )
     return {key: (weights[..., None] * v.view(n, n_drugs, -1)).sum(1) for key, v in out.items()}
 
 
 @contextlib.contextmanager
-def replacing_unseen(module, replace):
-    """Within the block, ``replace(out, unseen rows...)`` sets the unseen rows' intervention."""
+def replacing_rows(module, rows, replace):
+    """Within the block, the rows picked by ``rows(features)`` get ``replace(out, ...)``.
+
+    ``replace(out, features, dose, cell_line, mode)`` sees those rows only (``out`` is the
+    model's own intervention for them) and returns the fields it sets.
+    """
     original = module.intervention
 
     def intervention(features, dose, cell_line, mode="relaxed", generator=None):
         out = original(features, dose, cell_line, mode, generator)
-        unseen = ~module.seen_rows(features)
-        if mode == "relaxed" or not unseen.any():
+        picked = rows(features)
+        if mode == "relaxed" or not picked.any():
             return out
-        d = None if dose is None else dose[unseen]
+        d = None if dose is None else dose[picked]
         new = replace(
-            {k: v[unseen] for k, v in out.items() if k != "target_kl" and v is not None},
-            features[unseen],
+            {k: v[picked] for k, v in out.items() if k != "target_kl" and v is not None},
+            features[picked],
             d,
-            cell_line[unseen],
+            cell_line[picked],
             mode,
         )
         out = dict(out)
         for key, value in new.items():
             out[key] = out[key].clone()
-            out[key][unseen] = value
+            out[key][picked] = value
         return out
 
     module.intervention = intervention
@@ -172,6 +191,11 @@ def replacing_unseen(module, replace):
         yield
     finally:
         del module.intervention
+
+
+def replacing_unseen(module, replace):
+    """:func:`replacing_rows` for the perturbations unseen in training."""
+    return replacing_rows(module, lambda features: ~module.seen_rows(features), replace)
 
 
 def mixed_with_neighbours(module, fitted, tau, k, weight):

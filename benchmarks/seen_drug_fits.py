@@ -18,63 +18,26 @@ this split). Writes ``seen_drug_fits.csv``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scvi
-import torch
-from latent_neighbours import fit_drug_interventions
+from _common import SETUP
+from latent_neighbours import drug_intervention, fit_drug_interventions, replacing_rows
 
 import gim_scvi
 from gim_scvi.model._refit import context_residuals, refit_seen_perturbations
 
-SETUP = dict(
-    features_key="drug_features",
-    control_key="control",
-    dose_key="dose",
-    perturbation_key="condition",
-    cell_line_key="cell_line",
-)
 
-
-@contextlib.contextmanager
 def seen_drugs_from(module, fitted):
     """Within the block, a row with a fitted drug's features gets that drug's intervention."""
-    original = module.intervention
 
-    def intervention(features, dose, cell_line, mode="relaxed", generator=None):
-        out = original(features, dose, cell_line, mode, generator)
-        distance = torch.cdist(
-            features.float(), fitted.rows, compute_mode="donot_use_mm_for_euclid_dist"
-        )
-        hit = distance.min(1).values < 1e-6
-        if mode == "relaxed" or not hit.any():
-            return out
-        params = fitted.params(distance.argmin(1)[hit], cell_line[hit])
-        probs = torch.sigmoid(params.target_logits)
-        targets = (probs > 0.5).to(probs.dtype) if mode == "map" else probs
-        log_dose = module.standardise_log_dose(None if dose is None else dose[hit])
-        response = fitted.dose_response(params, log_dose)
-        new = {
-            "shift": targets * response * params.shift,
-            "target_probs": probs,
-            "targets": targets,
-            "dose_response": response,
-        }
-        out = dict(out)
-        for key, value in new.items():
-            out[key] = out[key].clone()
-            out[key][hit] = value
-        return out
+    def own(out, features, dose, cell_line, mode):
+        return drug_intervention(module, fitted, fitted.index(features), cell_line, dose, mode)
 
-    module.intervention = intervention
-    try:
-        yield
-    finally:
-        del module.intervention
+    return replacing_rows(module, lambda features: fitted.index(features) >= 0, own)
 
 
 def run(seed: int, epochs: int, model_dir: Path) -> pd.DataFrame:

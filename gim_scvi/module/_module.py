@@ -321,12 +321,15 @@ class GIMModule(BaseModuleClass):
         its targets stay the generator's.
         """
         net = self.active_generator
-        out = self._generated_intervention(net, features, dose, cell_line, mode, generator)
         if mode == "relaxed":
-            return out
+            return self._generated_intervention(net, features, dose, cell_line, mode, generator)
         seen_index = self.seen_index(features)
+        if net is self.joint_generator:  # no ensemble: one pass, fits where there are some
+            args = (features, dose, cell_line, mode, generator, seen_index)
+            return self._generated_intervention(net, *args)
+        out = self._generated_intervention(net, features, dose, cell_line, mode, generator)
         seen = seen_index >= 0
-        if not seen.any() or (net is self.joint_generator and not self.seen_fitted.any()):
+        if not seen.any():
             return out
         own = self._generated_intervention(
             self.joint_generator, features, dose, cell_line, mode, generator, seen_index
