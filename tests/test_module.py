@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
@@ -52,3 +53,65 @@ def test_dag_weight_enters_loss():
     h = float(module.scm.acyclicity())
     assert h > 0
     assert abs(float(high.loss - low.loss) - 10.0 * h) < 1e-2 * max(1.0, 10 * h)
+
+
+def test_relu_loadings_reach_zero_and_softplus_ones_do_not():
+    from gim_scvi.module import ProgramDecoder
+
+    relu = ProgramDecoder(3, 20, loadings_activation="relu")
+    soft = ProgramDecoder(3, 20, loadings_activation="softplus")
+    # both start from the same distribution of positive loadings (about softplus(-1))
+    assert torch.all(relu.loadings > 0)
+    assert abs(float(relu.loadings.mean() - soft.loadings.mean())) < 0.05
+    with torch.no_grad():
+        relu.loadings_raw[0] = -0.5
+        soft.loadings_raw[0] = -0.5
+    assert torch.all(relu.loadings[0] == 0)
+    assert torch.all(soft.loadings[0] > 0)
+    assert torch.all(relu.loadings >= 0)
+    with pytest.raises(ValueError, match="loadings_activation"):
+        ProgramDecoder(3, 20, loadings_activation="exp")
+
+
+def test_loadings_activation_survives_save_and_old_states_load_as_softplus():
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, loadings_activation="softplus")
+    state = module.state_dict()
+    fresh = GIMModule(n_input=20, n_features=5, n_programs=3)  # default: relu
+    assert fresh.decoder.loadings_activation == "relu"
+    fresh.load_state_dict(state)
+    assert fresh.decoder.loadings_activation == "softplus"
+    assert torch.equal(fresh.decoder.loadings, module.decoder.loadings)
+    # a state saved before the parameterisation was stored: softplus, as it was then
+    del state["decoder.relu_loadings"]
+    fresh = GIMModule(n_input=20, n_features=5, n_programs=3)
+    fresh.load_state_dict(state)
+    assert fresh.decoder.loadings_activation == "softplus"
+    assert torch.equal(fresh.decoder.loadings, module.decoder.loadings)
+    relu = GIMModule(n_input=20, n_features=5, n_programs=3)
+    fresh = GIMModule(n_input=20, n_features=5, n_programs=3, loadings_activation="softplus")
+    fresh.load_state_dict(relu.state_dict())
+    assert fresh.decoder.loadings_activation == "relu"
+
+
+def test_program_overlap_enters_loss():
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, program_overlap_weight=0.0)
+    module.eval()
+    tensors = _batch()
+    torch.manual_seed(0)
+    _, _, without = module(tensors)
+    module.program_overlap_weight = 7.0
+    torch.manual_seed(0)
+    _, _, with_ = module(tensors)
+    overlap = float(module.decoder.program_overlap())
+    assert 0 < overlap < 1  # the starting loadings are positive everywhere: they overlap
+    assert abs(float(with_.loss - without.loss) - 7.0 * overlap) < 1e-3  # float32 of ~4e3
+    assert abs(float(with_.extra_metrics["program_overlap"]) - overlap) < 1e-6
+    # programs on disjoint genes do not overlap; copies of one program overlap fully
+    with torch.no_grad():
+        module.decoder.loadings_raw.zero_()
+        for k in range(3):
+            module.decoder.loadings_raw[k::3, k] = 1.0
+    assert float(module.decoder.program_overlap()) == 0.0
+    with torch.no_grad():
+        module.decoder.loadings_raw.fill_(1.0)
+    assert abs(float(module.decoder.program_overlap()) - 1.0) < 1e-6

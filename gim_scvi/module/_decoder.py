@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal, Poisson
 
 Likelihood = Literal["nb", "zinb", "poisson", "normal"]
+LoadingsActivation = Literal["relu", "softplus"]
 
 
 class ProgramDecoder(nn.Module):
@@ -37,7 +38,12 @@ class ProgramDecoder(nn.Module):
     gene_likelihood
         ``"nb"``, ``"zinb"``, ``"poisson"`` or ``"normal"``.
     nonnegative_loadings
-        Softplus-parameterised non-negative loadings (linear decoder only).
+        Non-negative loadings (linear decoder only).
+    loadings_activation
+        How non-negative loadings are parameterised: ``"relu"`` (default) lets a loading
+        reach exactly zero, so that the L1 prior makes programs sparse; ``"softplus"`` (the
+        earlier behaviour) keeps every loading positive, and under the L1 prior they
+        shrink together instead of becoming sparse (``benchmarks/README.md``).
     n_hidden
         Hidden width of the MLP decoder.
     n_layers
@@ -53,18 +59,30 @@ class ProgramDecoder(nn.Module):
         decoder: Literal["linear", "mlp"] = "linear",
         gene_likelihood: Likelihood = "nb",
         nonnegative_loadings: bool = True,
+        loadings_activation: LoadingsActivation = "relu",
         n_hidden: int = 128,
         n_layers: int = 1,
     ):
         super().__init__()
+        if loadings_activation not in ("relu", "softplus"):
+            raise ValueError(
+                f"loadings_activation must be 'relu' or 'softplus', got {loadings_activation!r}."
+            )
         self.decoder = decoder
         self.gene_likelihood = gene_likelihood
         self.nonnegative_loadings = nonnegative_loadings
+        self.loadings_activation = loadings_activation
+        # saved with the model, so that one saved before "relu" existed loads as "softplus"
+        self.register_buffer("relu_loadings", torch.tensor(loadings_activation == "relu"))
         self.line_bias = nn.Parameter(torch.zeros(max(n_cell_lines, 1), n_genes))
         self.batch_bias = nn.Parameter(torch.zeros(max(n_batch, 1), n_genes))
         if decoder == "linear":
             init = torch.randn(n_genes, n_programs) * 0.1
-            self.loadings_raw = nn.Parameter(init - 1.0 if nonnegative_loadings else init)
+            if nonnegative_loadings:  # both start at softplus(-1 + noise), about 0.31
+                init = init - 1.0
+                if loadings_activation == "relu":
+                    init = F.softplus(init)
+            self.loadings_raw = nn.Parameter(init)
         elif decoder == "mlp":
             self.hidden = FCLayers(
                 n_in=n_programs,
@@ -87,14 +105,36 @@ class ProgramDecoder(nn.Module):
                 f"got {gene_likelihood!r}."
             )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take the loadings' parameterisation from the saved state (softplus if absent)."""
+        key = prefix + "relu_loadings"
+        if key not in state_dict:  # saved before the relu parameterisation existed
+            state_dict[key] = torch.tensor(False)
+        self.loadings_activation = "relu" if bool(state_dict[key]) else "softplus"
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def loadings(self) -> torch.Tensor:
         """Gene loadings ``D`` (genes x programs) of the linear decoder."""
         if self.decoder != "linear":
             raise AttributeError("Only the linear decoder has loadings.")
-        if self.nonnegative_loadings:
-            return F.softplus(self.loadings_raw)
-        return self.loadings_raw
+        if not self.nonnegative_loadings:
+            return self.loadings_raw
+        if self.loadings_activation == "relu":
+            return F.relu(self.loadings_raw)
+        return F.softplus(self.loadings_raw)
+
+    def program_overlap(self) -> torch.Tensor:
+        """Mean squared cosine similarity between the loadings of two different programs.
+
+        0 when no two programs share a gene, 1 when all are copies of one; a program whose
+        loadings are all zero counts as sharing nothing.
+        """
+        unit = F.normalize(self.loadings, dim=0)
+        gram = unit.T @ unit
+        n = gram.shape[0]
+        off_diagonal = gram - torch.diag_embed(torch.diagonal(gram))
+        return off_diagonal.pow(2).sum() / max(n * (n - 1), 1)
 
     def logits(
         self, z: torch.Tensor, cell_line: torch.Tensor, batch: torch.Tensor

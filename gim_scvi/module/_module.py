@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
-from gim_scvi.module._decoder import Likelihood, ProgramDecoder
+from gim_scvi.module._decoder import Likelihood, LoadingsActivation, ProgramDecoder
 from gim_scvi.module._generator import (
     GeneratorEnsemble,
     InterventionParams,
@@ -68,11 +68,22 @@ class GIMModule(BaseModuleClass):
     target_kl_weight
         Weight ``beta_t`` of the per-context target KL.
     graph_l1
-        Laplace-prior weight on the edge weights (counted once per data set).
+        Laplace-prior weight on the edge weights (counted once per data set). Edges compete
+        with targets: without a real price on edges (the earlier default, 1) programs
+        that few genes load become hubs with edges to many others, and each perturbation
+        targets a hub instead of the programs it moves (``benchmarks/README.md``).
     loadings_l1
         Laplace-prior weight on the gene loadings (counted once per data set).
     nonnegative_loadings
         Keep the linear decoder's loadings non-negative.
+    loadings_activation
+        ``"relu"`` (loadings can be exactly zero: sparse programs) or ``"softplus"`` (see
+        :class:`~gim_scvi.module.ProgramDecoder`).
+    program_overlap_weight
+        Weight of the mean squared cosine similarity between two programs' loadings
+        (:meth:`~gim_scvi.module.ProgramDecoder.program_overlap`), added to the loss of every
+        cell: it keeps programs from becoming copies of each other, which would split one
+        program's interventions between them (linear decoder only).
     straight_through
         Hard target samples with relaxed gradients during training (otherwise the relaxed
         values themselves, which lets shift sizes learn while a target is still unlikely).
@@ -104,9 +115,11 @@ class GIMModule(BaseModuleClass):
         ensemble_bottleneck: int = 16,
         target_prior: float = 0.1,
         target_kl_weight: float = 5.0,
-        graph_l1: float = 1.0,
+        graph_l1: float = 1000.0,
         loadings_l1: float = 200.0,
         nonnegative_loadings: bool = True,
+        loadings_activation: LoadingsActivation = "relu",
+        program_overlap_weight: float = 20.0,
         straight_through: bool = False,
         shift_l1: float = 0.0,
     ):
@@ -127,6 +140,7 @@ class GIMModule(BaseModuleClass):
         self.target_kl_weight = target_kl_weight
         self.graph_l1 = graph_l1
         self.loadings_l1 = loadings_l1
+        self.program_overlap_weight = program_overlap_weight
         self.straight_through = straight_through
         self.shift_l1 = shift_l1
         self.temperature = 1.0
@@ -149,6 +163,7 @@ class GIMModule(BaseModuleClass):
             decoder=decoder,
             gene_likelihood=gene_likelihood,
             nonnegative_loadings=nonnegative_loadings,
+            loadings_activation=loadings_activation,
             n_hidden=n_hidden,
             n_layers=n_layers,
         )
@@ -551,7 +566,8 @@ class GIMModule(BaseModuleClass):
         Per cell: ``-log p(x|z) + kl_weight * (log q(z|x) - log p(z|I,c))`` plus the context's
         target KL divided by the mean number of cells per context (a per-context term counted
         once per context). Once per data set (divided by ``n_obs``): L1 on ``W`` and on the
-        loadings. The acyclicity penalty ``dag_weight * h(W)`` is a constraint, not a prior.
+        loadings. Per cell as well: ``program_overlap_weight`` times the programs' overlap. The
+        acyclicity penalty ``dag_weight * h(W)`` is a constraint, not a prior.
         """
         x = tensors[KEYS.X_KEY]
         qz = inference_outputs[MODULE_KEYS.QZ_KEY]
@@ -571,11 +587,16 @@ class GIMModule(BaseModuleClass):
         kl_local = kl_weight * (kl_z + target_kl)
 
         global_prior = self.graph_l1 * self.scm.l1()
+        overlap = torch.zeros((), device=x.device)
         if self.decoder.decoder == "linear":
             global_prior = global_prior + self.loadings_l1 * self.decoder.loadings.abs().sum()
+            overlap = self.decoder.program_overlap()
         acyclicity = self.scm.acyclicity()
         loss = (
-            torch.mean(reconstruction + kl_local) + global_prior / n_obs + dag_weight * acyclicity
+            torch.mean(reconstruction + kl_local)
+            + global_prior / n_obs
+            + self.program_overlap_weight * overlap
+            + dag_weight * acyclicity
         )
         return LossOutput(
             loss=loss,
@@ -587,6 +608,7 @@ class GIMModule(BaseModuleClass):
                 "kl_targets": target_kl.mean().detach(),
                 "acyclicity": acyclicity.detach(),
                 "graph_l1": self.scm.l1().detach(),
+                "program_overlap": overlap.detach(),
                 "temperature": torch.tensor(self.temperature),
                 "dag_weight": torch.tensor(float(dag_weight)),
             },
