@@ -115,3 +115,21 @@ def test_program_overlap_enters_loss():
     with torch.no_grad():
         module.decoder.loadings_raw.fill_(1.0)
     assert abs(float(module.decoder.program_overlap()) - 1.0) < 1e-6
+
+
+def test_l1_prior_zeroes_relu_loadings_but_only_shrinks_softplus_ones():
+    from gim_scvi.module import ProgramDecoder
+
+    for activation in ("relu", "softplus"):
+        torch.manual_seed(0)
+        decoder = ProgramDecoder(3, 20, loadings_activation=activation)
+        optimizer = torch.optim.Adam([decoder.loadings_raw], lr=0.05)
+        for _ in range(100):
+            optimizer.zero_grad()
+            decoder.loadings.abs().sum().backward()
+            optimizer.step()
+        if activation == "relu":
+            assert torch.all(decoder.loadings == 0)
+        else:
+            assert torch.all(decoder.loadings > 0)
+            assert float(decoder.loadings.max()) < 0.05
