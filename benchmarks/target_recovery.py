@@ -33,7 +33,6 @@ import scvi
 from _common import SETUP, print_table
 
 import gim_scvi
-from gim_scvi.tl._metrics import match_programs
 
 # each: (GIM keyword arguments, training-plan keyword arguments)
 VARIANTS = {
@@ -64,7 +63,7 @@ def program_diagnostics(model, adata) -> dict[str, float]:
     truth = adata.uns["ground_truth"]
     true_loadings = truth["loadings"].loc[model._var_names()].to_numpy()
     loadings = model.get_gene_programs().to_numpy()
-    match = match_programs(true_loadings, loadings)
+    match = gim_scvi.tl.match_programs(true_loadings, loadings)
     corr = [
         abs(np.corrcoef(true_loadings[:, k], loadings[:, match[k]])[0, 1])
         for k in range(len(match))
