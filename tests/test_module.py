@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
-from gim_scvi.module import GIMModule
+from gim_scvi.module import GIMModule, ProgramDecoder
 
 
 def _batch(n=12, p=5, g=20):
@@ -56,8 +56,6 @@ def test_dag_weight_enters_loss():
 
 
 def test_relu_loadings_reach_zero_and_softplus_ones_do_not():
-    from gim_scvi.module import ProgramDecoder
-
     relu = ProgramDecoder(3, 20, loadings_activation="relu")
     soft = ProgramDecoder(3, 20, loadings_activation="softplus")
     # both start from the same distribution of positive loadings (about softplus(-1))
@@ -118,8 +116,6 @@ def test_program_overlap_enters_loss():
 
 
 def test_l1_prior_zeroes_relu_loadings_but_only_shrinks_softplus_ones():
-    from gim_scvi.module import ProgramDecoder
-
     for activation in ("relu", "softplus"):
         torch.manual_seed(0)
         decoder = ProgramDecoder(3, 20, loadings_activation=activation)
