@@ -10,9 +10,10 @@ trains on every drug with one dose (``--dose``, default 1000 nM) held out everyw
 the ``nearest_dose`` baseline; ``--compare-joint`` also scores each trained model with the
 generator trained jointly with it instead of the ensemble (``GIM_joint_generator``), and
 ``--combinations N`` also scores N pairs of training drugs given together (``additive``
-baseline). ``--data-kwargs`` changes the simulation (e.g. ``'{"n_drugs": 96,
-"n_heldout_drugs": 24}'``). GIM minus each baseline, with intervals from resampling the
-held-out drugs (:func:`gim_scvi.tl.compare`), is written to ``heldout_compare*.csv``::
+baseline), ``--save-models DIR`` keeps each trained model. ``--data-kwargs`` changes the
+simulation (e.g. ``'{"n_drugs": 96, "n_heldout_drugs": 24}'``). GIM minus each baseline,
+with intervals from resampling the held-out drugs (:func:`gim_scvi.tl.compare`), is written
+to ``heldout_compare*.csv``::
 
     python benchmarks/heldout_synthetic.py --split dose --seeds 0 1 --epochs 60
 """
@@ -44,6 +45,7 @@ def run(
     compare_joint: bool = False,
     combinations: int = 0,
     data_kwargs: dict | None = None,
+    save_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, dict, pd.DataFrame | None, pd.DataFrame]:
     scvi.settings.seed = seed
     # pairs of training drugs (split "combo") leave the single-drug cells and training as is
@@ -71,6 +73,8 @@ def run(
         **(train_kwargs or {}),
     )
     train_s = time.perf_counter() - start
+    if save_dir is not None:  # to score the same model again later (e.g. new metrics)
+        model.save(save_dir / f"model_{split}_s{seed}", overwrite=True)
     scores = gim_scvi.tl.evaluate(
         model, adata, split_key=split_key, heldout="test", baselines=baselines
     )
@@ -131,6 +135,7 @@ def main() -> None:
         help="also score this many pairs of training drugs given together (--split drug)",
     )
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--save-models", type=Path, help="folder to save each trained model in")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     out = Path(args.out)
@@ -149,6 +154,7 @@ def main() -> None:
             args.compare_joint,
             args.combinations,
             json.loads(args.data_kwargs),
+            args.save_models,
         )
         comparisons.append(comparison)
         summaries.append(summary)

@@ -111,6 +111,8 @@ def test_evaluate_combinations(trained, monkeypatch):
     pd.testing.assert_frame_equal(single, with_combos)
     recovery = gim_scvi.tl.ground_truth_recovery(model, combo)
     assert recovery == gim_scvi.tl.ground_truth_recovery(model, adata)
+    for key in ("target_auroc", "target_auroc_test", "target_auroc_own_cells", "graph_auroc"):
+        assert key in recovery and 0.0 <= recovery[key] <= 1.0
 
 
 def test_dose_holdout_split():

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
+import torch
 
 import gim_scvi
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
@@ -365,3 +366,44 @@ def test_predict_iter_chunks_equal_one_predict(trained):
             # same control cells and random streams; batched float rounding may differ
             assert np.allclose(e_whole, e_chunk, rtol=1e-5)
             assert np.mean(x_whole == x_chunk) > 0.99
+
+
+def test_targets_of_seen_perturbations_without_effect_come_from_features(trained, monkeypatch):
+    model, _ = trained
+    module = model.module
+    original = module.intervention
+    frame = model._registered_conditions(None).drop_duplicates("condition").set_index("condition")
+    with_effect = torch.as_tensor(np.asarray(frame.loc["drug_000", "features"]))
+
+    def crafted(features, dose, cell_line, mode="relaxed", generator=None, use_seen=True):
+        """Fit to own cells: drug_000 targets program 0, other seen drugs nothing;
+        feature-based generator: program 1 for every row."""
+        out = dict(original(features, dose, cell_line, mode=mode, generator=generator))
+        by_features = torch.full_like(out["target_probs"], 0.05)
+        by_features[:, 1] = 0.8
+        own = torch.full_like(by_features, 0.2)
+        own[(features == with_effect).all(1), 0] = 0.9
+        seen = module.seen_rows(features)[:, None] & use_seen
+        out["target_probs"] = torch.where(seen, own, by_features)
+        return out
+
+    monkeypatch.setattr(module, "intervention", crafted)
+    reported = model.get_intervention_targets().groupby(level="condition").mean()
+    own_cells = model.get_intervention_targets(no_effect="cells").groupby(level="condition").mean()
+    seen = module.seen_rows(torch.as_tensor(np.stack(frame["features"].to_list()))).numpy()
+    seen = pd.Series(seen, index=frame.index).loc[reported.index]
+    assert seen["drug_000"] and seen.sum() >= 2 and not seen.all()
+    np.testing.assert_allclose(reported.loc["drug_000"], [0.9, 0.2, 0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(own_cells.loc["drug_000"], [0.9, 0.2, 0.2, 0.2], rtol=1e-6)
+    for drug in seen.index.drop("drug_000"):  # seen without effect, or never seen
+        np.testing.assert_allclose(reported.loc[drug], [0.05, 0.8, 0.05, 0.05], rtol=1e-6)
+        expected = [0.2] * 4 if seen[drug] else [0.05, 0.8, 0.05, 0.05]
+        np.testing.assert_allclose(own_cells.loc[drug], expected, rtol=1e-6)
+    conditions = model.get_interventions()["conditions"]
+    flagged = conditions.groupby("condition", observed=True)["targets_from_features"].all()
+    expected_flags = seen & (seen.index != "drug_000")
+    pd.testing.assert_series_equal(
+        flagged.loc[expected_flags.index], expected_flags, check_names=False
+    )
+    with pytest.raises(ValueError, match="no_effect"):
+        model.get_intervention_targets(no_effect="prior")

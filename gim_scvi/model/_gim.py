@@ -637,11 +637,15 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         cell_line: np.ndarray,
         mode: str,
         generator: torch.Generator | None = None,
+        no_effect_targets: Literal["features", "cells"] = "cells",
     ) -> dict[str, torch.Tensor | None]:
         """Composed interventions for rows of ``(n, m, P)`` features and ``(n, m)`` doses.
 
         Shifts (and scale changes) of the ``m`` components add up; target probabilities
-        combine as a union ``1 - prod(1 - p)``. All-zero component rows are ignored.
+        combine as a union ``1 - prod(1 - p)``. All-zero component rows are ignored. With
+        ``no_effect_targets="features"``, a training perturbation whose fit to its own cells
+        has no target (see :meth:`get_intervention_targets`) takes the feature-based target
+        probabilities; ``"from_features"`` marks those components.
         """
         n, m, p = features.shape
         device = self.module.device
@@ -658,16 +662,30 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         active = torch.as_tensor(~zero_rows(features.reshape(n * m, p)), device=device).float()[
             :, None
         ]
+        flat_probs = out["target_probs"]
+        from_features = torch.zeros(n * m, dtype=torch.bool, device=device)
+        if no_effect_targets == "features":
+            from_features = self.module.seen_rows(flat_feat) & (flat_probs <= 0.5).all(1)
+            if from_features.any():
+                by_features = self.module.intervention(
+                    flat_feat, flat_dose, flat_line, mode="mean", use_seen=False
+                )["target_probs"]
+                flat_probs = torch.where(from_features[:, None], by_features, flat_probs)
+        elif no_effect_targets != "cells":
+            raise ValueError(
+                f"no_effect must be 'features' or 'cells', got {no_effect_targets!r}."
+            )
 
         def compose(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else (t * active).view(n, m, -1).sum(1)
 
-        probs = (out["target_probs"] * active).view(n, m, -1)
+        probs = (flat_probs * active).view(n, m, -1)
         return {
             "shift": compose(out["shift"]),
             "log_scale": compose(out["log_scale"]),
             "target_probs": 1 - torch.prod(1 - probs, dim=1),
             "dose_response": compose(out["dose_response"] * out["targets"]),
+            "from_features": (from_features & active[:, 0].bool()).view(n, m),
         }
 
     # ------------------------------------------------------------------ prediction
@@ -1137,12 +1155,28 @@ batch_size
         cell_lines: str | Sequence[str] | None = None,
         conditions: Sequence[str] | None = None,
         adata: AnnData | None = None,
+        no_effect: Literal["features", "cells"] = "features",
     ) -> pd.DataFrame:
         """Probability that each condition targets each program.
 
         Without ``features``, every perturbation of ``adata`` (default: the training AnnData)
         is reported in each cell line it was observed in. Target probabilities do not depend on
         the dose (the dose acts through the dose response).
+
+        Parameters
+        ----------
+        features, doses, cell_lines, conditions
+            Perturbations to report, as in :meth:`predict` (default: those of ``adata``).
+        adata
+            AnnData set up for the model (default: the training AnnData).
+        no_effect
+            Where a training perturbation's fit to its own cells has no target (no program
+            with probability above 0.5 in that cell line: its cells showed no effect the model
+            could attribute), its cells say nothing about *which* programs it would act on.
+            ``"features"`` (default) reports the feature-based generator's probabilities
+            there — what perturbations with similar features target, as for an unseen
+            perturbation; ``"cells"`` keeps the fit to its own cells (probabilities near the
+            sparse prior). Unseen perturbations and ones with an effect are not affected.
 
         Returns
         -------
@@ -1165,34 +1199,46 @@ batch_size
             index = pd.MultiIndex.from_product([lines, names], names=["cell_line", "condition"])
             index = index.swaplevel()
         dose = np.ones(feats.shape[:2], np.float32) if self.module.has_dose else None
-        probs = self._intervention_tensors(feats, dose, codes, "mean")["target_probs"]
+        probs = self._intervention_tensors(
+            feats, dose, codes, "mean", no_effect_targets=no_effect
+        )["target_probs"]
         return pd.DataFrame(probs.cpu().numpy(), index=index, columns=self.program_names)
 
     @torch.inference_mode()
-    def get_interventions(self, adata: AnnData | None = None, mode: str = "mean") -> dict:
+    def get_interventions(
+        self,
+        adata: AnnData | None = None,
+        mode: str = "mean",
+        no_effect: Literal["features", "cells"] = "features",
+    ) -> dict:
         """Shifts, total effects and targets of every perturbed context of ``adata``.
 
         ``mode`` is ``"mean"`` (expected shift, targets weighted by their probability) or
-        ``"map"`` (targets with probability above 0.5).
+        ``"map"`` (targets with probability above 0.5). ``no_effect`` chooses the target
+        probabilities of training perturbations without an effect, as in
+        :meth:`get_intervention_targets`; shifts and total effects are always the fit.
 
         Returns
         -------
         dict
             DataFrames indexed like ``conditions`` (a DataFrame with ``condition``,
-            ``dose`` and ``cell_line``): ``targets`` (probabilities), ``shifts`` (``a``)
-            and ``total_effects`` (``a A^{-1}``, the change of every program).
+            ``dose``, ``cell_line`` and ``targets_from_features``, which marks the contexts
+            whose target probabilities come from the features): ``targets``
+            (probabilities), ``shifts`` (``a``) and ``total_effects`` (``a A^{-1}``, the
+            change of every program).
         """
         frame = self._registered_conditions(adata)
         feats = np.stack(frame["features"].to_list())[:, None, :]
         codes = np.array([self.cell_lines.index(c) for c in frame["cell_line"]])
         dose = frame["dose"].to_numpy(np.float32)[:, None] if self.module.has_dose else None
-        out = self._intervention_tensors(feats, dose, codes, mode)
+        out = self._intervention_tensors(feats, dose, codes, mode, no_effect_targets=no_effect)
         total = self.module.scm.total_effects(out["shift"])
         doses = frame["dose"] if self.module.has_dose else None
         index = pd.Index(
             context_labels(frame["condition"], doses, frame["cell_line"]), name="context"
         )
         conditions = frame[["condition", "dose", "cell_line"]].set_index(index)
+        conditions["targets_from_features"] = out["from_features"].any(1).cpu().numpy()
         return {
             "conditions": conditions,
             "targets": pd.DataFrame(

@@ -300,6 +300,7 @@ class GIMModule(BaseModuleClass):
         cell_line: torch.Tensor,
         mode: PredictMode | Literal["relaxed"] = "relaxed",
         generator: torch.Generator | None = None,
+        use_seen: bool = True,
     ) -> dict[str, torch.Tensor | None]:
         """Intervention for each row of (raw features, dose, cell line).
 
@@ -318,6 +319,9 @@ class GIMModule(BaseModuleClass):
             members' interventions are averaged.
         generator
             Random generator for ``"sample"`` / ``"relaxed"``.
+        use_seen
+            If ``False``, rows of training perturbations are treated like unseen ones (the
+            feature-based ensemble for every row, no per-perturbation fit).
 
         Returns
         -------
@@ -337,6 +341,8 @@ class GIMModule(BaseModuleClass):
         """
         net = self.active_generator
         if mode == "relaxed":
+            return self._generated_intervention(net, features, dose, cell_line, mode, generator)
+        if not use_seen:
             return self._generated_intervention(net, features, dose, cell_line, mode, generator)
         seen_index = self.seen_index(features)
         if net is self.joint_generator:  # no ensemble: one pass, fits where there are some

@@ -485,21 +485,33 @@ def ground_truth_recovery(model, adata: AnnData | None = None) -> dict[str, floa
     correlation of gene loadings; target probabilities (averaged over cell lines) are then
     scored against the true targets, on all drugs and on the held-out ones (combinations of
     drugs are left out).
+
+    Keys: ``target_auroc`` / ``target_auprc`` (all drugs, targets as
+    :meth:`~gim_scvi.GIM.get_intervention_targets` reports them), ``*_test`` (held-out drugs),
+    ``*_active`` (drugs that are not nearly inert), ``*_own_cells`` (all drugs, with
+    ``no_effect="cells"``: training drugs without a fitted effect keep the fit to their own
+    cells), ``graph_auroc`` and ``graph_shd``.
     """
     adata = adata if adata is not None else model.adata
     truth = adata.uns["ground_truth"]
     true_loadings = truth["loadings"].loc[model._var_names()].to_numpy()
     match = match_programs(true_loadings, model.get_gene_programs().to_numpy())
-    probs = model.get_intervention_targets(adata=adata).groupby(level="condition").mean()
-    probs = probs[probs.index.isin(truth["targets"].index)]  # single drugs (no combinations)
-    true_targets = truth["targets"].loc[probs.index]
-    out = target_recovery(true_targets.to_numpy(), probs.to_numpy(), match)
-    split = truth["drugs"]["split"].loc[probs.index]
-    for name in ("test",):
-        sel = (split == name).to_numpy()
-        if sel.any():
-            rec = target_recovery(true_targets.to_numpy()[sel], probs.to_numpy()[sel], match)
-            out |= {f"{k}_{name}": v for k, v in rec.items()}
+    drugs = truth["drugs"]
+    out: dict[str, float] = {}
+    for suffix, no_effect in (("", "features"), ("_own_cells", "cells")):
+        probs = model.get_intervention_targets(adata=adata, no_effect=no_effect)
+        probs = probs.groupby(level="condition").mean()
+        probs = probs[probs.index.isin(truth["targets"].index)]  # single drugs (no combos)
+        true_targets = truth["targets"].loc[probs.index].to_numpy()
+        subsets = {"": np.ones(len(probs), dtype=bool)}
+        if not suffix:
+            subsets["_test"] = (drugs["split"].loc[probs.index] == "test").to_numpy()
+            if "inert" in drugs:
+                subsets["_active"] = ~drugs["inert"].loc[probs.index].to_numpy(dtype=bool)
+        for name, sel in subsets.items():
+            if sel.any():
+                rec = target_recovery(true_targets[sel], probs.to_numpy()[sel], match)
+                out |= {f"{k}{name}{suffix}": v for k, v in rec.items()}
     out |= graph_recovery(truth["dag"].to_numpy(), model.get_causal_graph().to_numpy(), match)
     return out
 
