@@ -1,5 +1,7 @@
 """The generator ensemble and its second training stage (refit on encoded conditions)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,9 +15,10 @@ from gim_scvi.model._refit import (
     member_temperatures,
     member_weight_decays,
     refit_generator,
+    refit_graph,
     refit_seen_perturbations,
 )
-from gim_scvi.module import GIMModule
+from gim_scvi.module import GIMModule, LatentSCM
 from tests.conftest import make_small, setup
 
 
@@ -311,3 +314,68 @@ def test_seen_perturbations_get_their_own_shifts_and_dose_response():
     unseen = ContextResiduals(**{**contexts.__dict__, "features": contexts.features + 5.0})
     with pytest.raises(ValueError, match="seen_features"):
         refit_seen_perturbations(module, unseen, n_steps=1)
+
+
+def _chain_contexts(rng, n_contexts: int = 120) -> tuple[ContextResiduals, np.ndarray]:
+    """Single-program interventions in the DAG 0 -> 1 -> 2, program 3 on its own."""
+    true = np.zeros((4, 4))
+    true[0, 1], true[1, 2] = 0.8, -0.7
+    shifts = np.zeros((n_contexts, 4))
+    shifts[np.arange(n_contexts), rng.integers(0, 4, n_contexts)] = rng.choice(
+        [-2.0, -1.0, 1.0, 2.0], n_contexts
+    )
+    delta = shifts @ np.linalg.inv(np.eye(4) - true)  # each context's change of programs
+    delta += 0.02 * rng.normal(size=delta.shape)
+    contexts = ContextResiduals(
+        features=np.zeros((n_contexts, 2), dtype=np.float32),
+        dose=None,
+        cell_line=np.zeros((n_contexts, 1), dtype=np.int64),
+        mean=delta,  # residual = change under an empty graph
+        second_moment=delta**2,
+        n_cells=np.full(n_contexts, 30.0),
+        basal_mean=np.zeros((1, 4)),
+        exogenous_sd=np.ones(4),
+    )
+    return contexts, true
+
+
+def test_refit_graph_recovers_a_chain_with_its_directions(rng):
+    contexts, true = _chain_contexts(rng)
+    scm = LatentSCM(4)
+    with torch.no_grad():  # start from a wrong graph, pruned to the one edge 3 -> 0
+        scm.weight_raw.zero_()
+        scm.weight_raw[3, 0] = 0.5
+        scm.edge_mask.zero_()
+        scm.edge_mask[3, 0] = 1.0
+    start = np.eye(4) - scm.weight.detach().numpy()  # residuals under it: change @ A
+    contexts = ContextResiduals(**{**contexts.__dict__, "mean": contexts.mean @ start})
+    out = refit_graph(SimpleNamespace(scm=scm), contexts, threshold=0.1)
+    learned = scm.weight.detach().numpy()
+    assert out == {"edges": 2, "removed_small": 10, "removed_on_cycles": 0}
+    assert scm.is_acyclic()
+    np.testing.assert_allclose(learned, true, atol=0.1)  # both edges, the right way round
+
+
+def test_refit_graph_rejects_a_cyclic_model(rng):
+    contexts, _ = _chain_contexts(rng)
+    with pytest.raises(ValueError, match="DAG"):
+        refit_graph(SimpleNamespace(scm=LatentSCM(4, graph="cyclic")), contexts)
+
+
+def test_train_refits_the_graph_unless_asked_not_to():
+    adata = setup(make_small())
+    kwargs = dict(max_epochs=2, split_key="split", batch_size=64, enable_progress_bar=False)
+    graphs = {}
+    for refit in (True, False):
+        scvi.settings.seed = 0
+        model = gim_scvi.GIM(adata, n_programs=4, n_generators=2)
+        model.train(**kwargs, graph_refit=refit)
+        graphs[refit] = model.get_causal_graph().to_numpy()
+        assert model.module.scm.is_acyclic()
+        assert model.train_params_["graph_refit"] is refit
+        if refit:
+            assert model.train_params_["graph_refit_edges"] == (graphs[True] != 0).sum()
+    assert model.train_params_.get("graph_refit_edges") is None
+    assert not np.allclose(graphs[True], graphs[False])
+    with pytest.raises(TypeError, match="graph_refit_kwargs"):
+        model.train(**kwargs, graph_refit_kwargs={"threshold": 0.1})

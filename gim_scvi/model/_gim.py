@@ -36,6 +36,7 @@ from gim_scvi.model._features import FeatureRows, feature_rows, zero_rows
 from gim_scvi.model._refit import (
     context_residuals,
     refit_generator,
+    refit_graph,
     refit_seen_perturbations,
 )
 from gim_scvi.model._trainingplan import GIMTrainingPlan
@@ -297,17 +298,21 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         checkpoint_dir: str | os.PathLike | None = None,
         generator_refit_steps: int = 600,
         generator_refit_kwargs: dict | None = None,
+        graph_refit: bool = True,
+        graph_refit_kwargs: dict | None = None,
         **trainer_kwargs,
     ):
         """Train the model; held-out conditions never influence the weights.
 
         Encoder, decoder, causal graph and intervention generator are trained jointly on the
-        ELBO (``max_epochs`` passes over the cells). A model with ``n_generators > 0`` (the
-        default, 5) then has a second stage: with everything else fixed, each member of its
-        generator ensemble (low-rank linear maps) is fitted afresh to the encoded training
-        conditions (``generator_refit_steps`` full-batch steps on per-condition statistics;
-        seconds), and the ensemble makes every prediction from then on. See
-        ``benchmarks/README.md`` for what the second stage does to predictions of unseen drugs.
+        ELBO (``max_epochs`` passes over the cells). Then comes a second stage on the encoded
+        training conditions, with encoder and decoder fixed (seconds): the causal graph is
+        fitted afresh as the DAG under which the conditions' interventions are sparsest
+        (``graph_refit``), each training perturbation's shift sizes and dose response are
+        fitted on its own cells, and each member of the generator ensemble (``n_generators >
+        0``, default 5; low-rank linear maps) is fitted afresh (``generator_refit_steps``
+        full-batch steps); the ensemble makes every prediction of an unseen perturbation from
+        then on. See ``benchmarks/README.md`` for what the second stage does.
 
         Parameters
         ----------
@@ -358,12 +363,20 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             :func:`~gim_scvi.model._refit.member_weight_decays`). ``temperature``: of the
             relaxed target draws, one value or ``(low, high)`` in the same way (default
             ``(0.2, 1.0)``; see :func:`~gim_scvi.model._refit.refit_generator`).
+        graph_refit
+            For ``graph="dag"``: in the second stage, refit the causal graph from scratch on
+            the encoded training conditions (:func:`~gim_scvi.model._refit.refit_graph`)
+            before the interventions are refitted; ``False`` keeps the jointly trained graph.
+        graph_refit_kwargs
+            ``l1`` (default 0.01), ``n_steps`` (3000) and ``lr`` (0.01) of the graph refit;
+            its pruning threshold is ``graph_threshold``.
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``,
             ``strategy``, ...). Several processes: ``accelerator="cpu"`` or ``"gpu"``,
             ``devices=N`` and ``strategy="ddp_find_unused_parameters_true"`` (from a script,
             not a notebook; each process trains on its share of the minibatches).
         """
+        _check_refit_kwargs(generator_refit_kwargs, graph_refit_kwargs)
         self.train_params_ = {
             "max_epochs": max_epochs,
             "split_key": split_key,
@@ -375,6 +388,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             "graph_threshold": graph_threshold,
             "kl_warmup_fraction": kl_warmup_fraction,
             "generator_refit_steps": generator_refit_steps,
+            "graph_refit": graph_refit,
             **{k: v for k, v in (plan_kwargs or {}).items() if isinstance(v, str | int | float)},
         }
         train_idx, val_idx, test_idx = self._split_indices(
@@ -430,23 +444,40 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             raise
         self._finish_training(graph_threshold)
         if generator_refit_steps > 0:
-            self._refit_generator(train_idx, generator_refit_steps, generator_refit_kwargs)
+            graph = (graph_refit_kwargs or {}) | {"threshold": graph_threshold}
+            self._refit_generator(
+                train_idx,
+                generator_refit_steps,
+                generator_refit_kwargs,
+                graph if graph_refit and self.module.scm.graph == "dag" else None,
+            )
         return result
 
-    def _refit_generator(self, train_idx: np.ndarray, n_steps: int, kwargs: dict | None) -> None:
+    def _refit_generator(
+        self,
+        train_idx: np.ndarray,
+        n_steps: int,
+        kwargs: dict | None,
+        graph_kwargs: dict | None = None,
+    ) -> None:
         """Second training stage on the final latents.
 
-        Every generator member is fitted afresh (unseen perturbations), and each training
+        With ``graph_kwargs``, the graph is refitted first (:func:`refit_graph`). Then every
+        generator member is fitted afresh (unseen perturbations), and each training
         perturbation's shift sizes and dose response on its own cells (seen ones).
         """
         kwargs = dict(kwargs or {})
-        unknown = set(kwargs) - {"lr", "weight_decay", "temperature"}
-        if unknown:
-            raise TypeError(
-                "generator_refit_kwargs takes 'lr', 'weight_decay' and 'temperature', not "
-                f"{sorted(unknown)}."
-            )
         contexts = context_residuals(self, train_idx)
+        if graph_kwargs is not None:
+            graph = refit_graph(self.module, contexts, **graph_kwargs)
+            self.graph_pruning_ = {k: v for k, v in graph.items() if k != "edges"}
+            self.train_params_["graph_refit_edges"] = graph["edges"]
+            logger.info(
+                "Causal graph refitted on %d training conditions: %d edges.",
+                len(contexts.n_cells),
+                graph["edges"],
+            )
+            contexts = context_residuals(self, train_idx)  # residuals under the new graph
         with torch.no_grad():  # re-estimated from the controls under the final graph
             module = self.module
             module.basal_mean.weight.copy_(torch.as_tensor(contexts.basal_mean))
@@ -1345,6 +1376,21 @@ def _check_counts(adata: AnnData, layer: str | None) -> None:
             f"{where} does not look like raw counts (negative or non-integer values), but the "
             "gene likelihood is a count model. Pass `layer=` with raw counts to setup_anndata, "
             "or use `gene_likelihood='normal'` for log-normalised data."
+        )
+
+
+def _check_refit_kwargs(generator: dict | None, graph: dict | None) -> None:
+    """Fail before training on unknown keyword arguments of the second stage."""
+    unknown = set(generator or {}) - {"lr", "weight_decay", "temperature"}
+    if unknown:
+        raise TypeError(
+            "generator_refit_kwargs takes 'lr', 'weight_decay' and 'temperature', not "
+            f"{sorted(unknown)}."
+        )
+    unknown = set(graph or {}) - {"l1", "n_steps", "lr"}
+    if unknown:
+        raise TypeError(
+            f"graph_refit_kwargs takes 'l1', 'n_steps' and 'lr', not {sorted(unknown)}."
         )
 
 

@@ -68,10 +68,13 @@ def annotate(
       condition, and ``.layers[f"{key_added}_basal"]``: the same cell's counterfactual
       without its perturbation (expected counts, dense float32; skip with ``layers=False``);
     - ``.uns[key_added]``: ``params``, ``conditions`` (perturbation, dose, cell line of each
-      perturbed context), ``targets`` (probabilities), ``shifts`` and ``total_effects``
-      (expected shift ``a`` and its propagation ``a A^{-1}``; condition x program), ``graph``
-      (program x program) and ``predicted_shift`` (condition x gene log2 fold change of the
-      predicted vs the basal normalised expression of the condition's cells).
+      perturbed context, and ``targets_from_features``: the context's perturbation showed no
+      effect in its cells, so its targets are read from its features, see
+      :meth:`~gim_scvi.GIM.get_intervention_targets`), ``targets`` (probabilities),
+      ``shifts`` and ``total_effects`` (expected shift ``a`` and its propagation
+      ``a A^{-1}``; condition x program), ``graph`` (program x program) and
+      ``predicted_shift`` (condition x gene log2 fold change of the predicted vs the basal
+      normalised expression of the condition's cells).
 
     The per-cell counterfactuals use the expected intervention (``mode="mean"``), like the
     ``shifts`` written to ``.uns``.
