@@ -1,13 +1,14 @@
-"""Re-fitting the intervention generator on the encoded training conditions.
+"""Re-fitting the causal graph and the intervention generator on the encoded training conditions.
 
-After the joint training, encoder, decoder and causal graph are fixed. What the ELBO then
-asks of the generator depends on the training cells only through per-context statistics of
-their exogenous residuals ``u = z A - mu_c`` (``z ~ q(z | x)``): the shift ``a`` of a context
-(perturbation x dose x cell line) is fitted to the mean residual of its cells, weighted by
-their number, under the sparse-target prior. So the generator's part of the objective is a
-small regression over a few hundred contexts, solved here full-batch for every member of the
-ensemble, each from its own fresh start and with its own weight decay; all members together
-take a few seconds.
+After the joint training, encoder and decoder are fixed. The causal graph is first fitted
+again on the contexts' encoded program changes (:func:`refit_graph`), and is then fixed too.
+What the ELBO then asks of the generator depends on the training cells only through
+per-context statistics of their exogenous residuals ``u = z A - mu_c`` (``z ~ q(z | x)``):
+the shift ``a`` of a context (perturbation x dose x cell line) is fitted to the mean residual
+of its cells, weighted by their number, under the sparse-target prior. So the generator's
+part of the objective is a small regression over a few hundred contexts, solved here
+full-batch for every member of the ensemble, each from its own fresh start and with its own
+weight decay; all members together take a few seconds.
 
 This is coordinate ascent on the same objective, not a new one: the generator used jointly
 with the latent model during training has followed a moving target (the encoder, decoder and
@@ -162,12 +163,17 @@ def refit_graph(
     weight; edges at or below ``threshold`` are then pruned and any remaining cycle broken
     (:meth:`~gim_scvi.module.LatentSCM.make_acyclic`).
 
-    Why: in the joint training the graph is learned while the programs are still forming, and
+    Why this criterion: with encoder and decoder fixed and one intervention per context,
+    every graph explains the contexts' mean changes equally well (``a_c = delta_c A`` for any
+    ``A``); what tells graphs apart is the prior on interventions, which favours few targets.
+    The L1 norm is the convex stand-in for that count of targets. (The control cells'
+    covariance, which the ELBO's prior also sees, is not used; the basal means and exogenous
+    scales are re-estimated from the controls under the new graph afterwards.) Why refit at
+    all: in the joint training the graph is learned while the programs are still forming and
     settles early; its edges then often point the wrong way and stay there, since the
     acyclicity penalty keeps the reverse edge out. Fitted on the final programs, the sparse
-    interventions decide the directions (on the default synthetic screen, edge AUROC 0.527
-    and 0.704 before, see ``benchmarks/README.md``). Only the graph changes: refit the
-    interventions afterwards (:meth:`~gim_scvi.GIM.train` does).
+    interventions decide the directions (``benchmarks/README.md``). Only the graph changes:
+    refit the interventions afterwards (:meth:`~gim_scvi.GIM.train` does).
 
     Parameters
     ----------
