@@ -47,6 +47,16 @@ def test_acyclicity_penalty_positive_on_cycle():
     assert float(scm.weight[1, 2]) == 0.0 and float(scm.weight[0, 1]) != 0.0
 
 
+def test_broken_cycles_are_reported_unless_silenced(caplog):
+    w = np.zeros((3, 3))
+    w[0, 1] = w[1, 2] = w[2, 0] = 0.8
+    with caplog.at_level("WARNING", logger="gim_scvi.module._scm"):
+        _scm_with(w).make_acyclic(warn=False)
+        assert not caplog.records
+        _scm_with(w).make_acyclic()
+    assert "cycles" in caplog.text
+
+
 def test_cyclic_and_none_parameterisations():
     w = np.full((4, 4), 2.0)
     scm = _scm_with(w, graph="cyclic")

@@ -442,14 +442,16 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             self.is_trained_ = True
             self._finish_training(graph_threshold)
             raise
-        self._finish_training(graph_threshold)
-        if generator_refit_steps > 0:
+        refit = generator_refit_steps > 0
+        new_graph = refit and graph_refit and self.module.scm.graph == "dag"
+        self._finish_training(graph_threshold, warn_cycles=not new_graph)
+        if refit:
             graph = (graph_refit_kwargs or {}) | {"threshold": graph_threshold}
             self._refit_generator(
                 train_idx,
                 generator_refit_steps,
                 generator_refit_kwargs,
-                graph if graph_refit and self.module.scm.graph == "dag" else None,
+                graph if new_graph else None,
             )
         return result
 
@@ -473,9 +475,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             self.graph_pruning_ = {k: v for k, v in graph.items() if k != "edges"}
             self.train_params_["graph_refit_edges"] = graph["edges"]
             logger.info(
-                "Causal graph refitted on %d training conditions: %d edges.",
+                "Causal graph refitted on %d training conditions: %d edges (%d weak ones "
+                "pruned, %d removed to break cycles).",
                 len(contexts.n_cells),
                 graph["edges"],
+                graph["removed_small"],
+                graph["removed_on_cycles"],
             )
             contexts = context_residuals(self, train_idx)  # residuals under the new graph
         with torch.no_grad():  # re-estimated from the controls under the final graph
@@ -502,11 +507,16 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             ", ".join(f"{v:.3f}" for v in losses),
         )
 
-    def _finish_training(self, graph_threshold: float) -> None:
-        """Evaluation mode and, for a DAG, the exact acyclic projection."""
+    def _finish_training(self, graph_threshold: float, warn_cycles: bool = True) -> None:
+        """Evaluation mode and, for a DAG, the exact acyclic projection.
+
+        ``warn_cycles=False`` when the graph is refitted next (its cycles do not matter then).
+        """
         self.module.eval()
         if self.module.scm.graph == "dag":
-            self.graph_pruning_ = self.module.scm.make_acyclic(threshold=graph_threshold)
+            self.graph_pruning_ = self.module.scm.make_acyclic(
+                threshold=graph_threshold, warn=warn_cycles
+            )
 
     def _split_indices(
         self, split_key: str | None, train_split: str, validation_split: str | None

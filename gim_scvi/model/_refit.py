@@ -224,7 +224,7 @@ def refit_graph(
     with torch.no_grad():
         scm.weight_raw.copy_((weight * off_diagonal).to(scm.weight_raw))
         scm.edge_mask.copy_(off_diagonal.to(scm.edge_mask))
-        pruning = scm.make_acyclic(threshold=threshold)
+        pruning = scm.make_acyclic(threshold=threshold, warn=False)  # counts are returned
         n_edges = int((scm.weight != 0).sum())
     return {"edges": n_edges, **pruning}
 

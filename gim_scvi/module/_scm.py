@@ -106,7 +106,7 @@ class LatentSCM(nn.Module):
         return self.weight.abs().sum()
 
     @torch.no_grad()
-    def make_acyclic(self, threshold: float = 0.0) -> dict[str, int]:
+    def make_acyclic(self, threshold: float = 0.0, warn: bool = True) -> dict[str, int]:
         """Project ``W`` onto an exact DAG by pruning edges.
 
         Edges with ``|w| <= threshold`` are removed; then, while a cycle remains, its weakest
@@ -116,6 +116,8 @@ class LatentSCM(nn.Module):
         ----------
         threshold
             Absolute weight at or below which an edge is dropped.
+        warn
+            Log a warning (with advice for the joint training) when cycles had to be broken.
 
         Returns
         -------
@@ -144,7 +146,7 @@ class LatentSCM(nn.Module):
             n_cycle += 1
         mask = torch.as_tensor(w != 0.0, dtype=self.edge_mask.dtype, device=self.edge_mask.device)
         self.edge_mask.copy_(mask)
-        if n_cycle:
+        if n_cycle and warn:
             logger.warning(
                 "The learned graph still had cycles after training; removed the weakest edge of "
                 "each remaining cycle (%d edges). Train for more epochs, or raise the final "
