@@ -366,7 +366,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         graph_refit
             For ``graph="dag"``: in the second stage, refit the causal graph from scratch on
             the encoded training conditions (:func:`~gim_scvi.model._refit.refit_graph`)
-            before the interventions are refitted; ``False`` keeps the jointly trained graph.
+            before the interventions are refitted; ``False`` keeps the jointly trained graph
+            (so does ``generator_refit_steps=0``, which skips the whole second stage).
         graph_refit_kwargs
             ``l1`` (default 0.01), ``n_steps`` (3000) and ``lr`` (0.01) of the graph refit;
             its pruning threshold is ``graph_threshold``.

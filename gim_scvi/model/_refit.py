@@ -10,7 +10,8 @@ part of the objective is a small regression over a few hundred contexts, solved 
 full-batch for every member of the ensemble, each from its own fresh start and with its own
 weight decay; all members together take a few seconds.
 
-This is coordinate ascent on the same objective, not a new one: the generator used jointly
+For the generator this is coordinate ascent on the same objective, not a new one (the graph
+refit uses a stand-in for its target prior, see :func:`refit_graph`): the generator used jointly
 with the latent model during training has followed a moving target (the encoder, decoder and
 graph were changing) and fits the final latent space less well, while members started afresh
 on the final latent space fit it and disagree where the training perturbations leave the
