@@ -340,9 +340,7 @@ class GIMModule(BaseModuleClass):
         its targets stay the generator's.
         """
         net = self.active_generator
-        if mode == "relaxed":
-            return self._generated_intervention(net, features, dose, cell_line, mode, generator)
-        if not use_seen:
+        if mode == "relaxed" or not use_seen:
             return self._generated_intervention(net, features, dose, cell_line, mode, generator)
         seen_index = self.seen_index(features)
         if net is self.joint_generator:  # no ensemble: one pass, fits where there are some
