@@ -35,6 +35,7 @@ from gim_scvi.model._checkpoint import prepare_checkpointing, split_fingerprint
 from gim_scvi.model._features import FeatureRows, feature_rows, zero_rows
 from gim_scvi.model._refit import (
     context_residuals,
+    encode_cells,
     refit_generator,
     refit_graph,
     refit_seen_perturbations,
@@ -470,7 +471,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         perturbation's shift sizes and dose response on its own cells (seen ones).
         """
         kwargs = dict(kwargs or {})
-        contexts = context_residuals(self, train_idx)
+        encoded = encode_cells(self, train_idx)  # the same latents serve both graphs
+        contexts = context_residuals(self, train_idx, encoded=encoded)
         if graph_kwargs is not None:
             graph = refit_graph(self.module, contexts, **graph_kwargs)
             self.graph_pruning_ = {k: v for k, v in graph.items() if k != "edges"}
@@ -483,7 +485,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
                 graph["removed_small"],
                 graph["removed_on_cycles"],
             )
-            contexts = context_residuals(self, train_idx)  # residuals under the new graph
+            contexts = context_residuals(self, train_idx, encoded=encoded)  # under the new graph
         with torch.no_grad():  # re-estimated from the controls under the final graph
             module = self.module
             module.basal_mean.weight.copy_(torch.as_tensor(contexts.basal_mean))

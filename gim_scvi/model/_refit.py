@@ -72,7 +72,44 @@ class ContextResiduals:
     exogenous_sd: np.ndarray
 
 
-def context_residuals(model, indices: np.ndarray, batch_size: int = 1024) -> ContextResiduals:
+@dataclass(frozen=True)
+class EncodedCells:
+    """Posterior means and variances of some cells' programs (see :func:`encode_cells`)."""
+
+    controls: np.ndarray
+    z_control: np.ndarray | None
+    var_control: np.ndarray | None
+    cells: np.ndarray
+    z_mean: np.ndarray
+    z_var: np.ndarray
+
+
+def encode_cells(model, indices: np.ndarray, batch_size: int = 1024) -> EncodedCells:
+    """Encode the control and the perturbed cells among ``indices`` (once, for any graph)."""
+    adata = model.adata
+    indices = np.asarray(indices)
+    control = model._control_mask(adata, model._features(adata))[indices]
+    cells = indices[~control]
+    if len(cells) == 0:
+        raise ValueError("No perturbed training cell to fit the generator on.")
+    controls = indices[control]
+    z_control = var_control = None
+    if len(controls):
+        z_control, var_control = model.get_latent_representation(
+            indices=controls, batch_size=batch_size, return_dist=True
+        )
+    z_mean, z_var = model.get_latent_representation(
+        indices=cells, batch_size=batch_size, return_dist=True
+    )
+    return EncodedCells(controls, z_control, var_control, cells, z_mean, z_var)
+
+
+def context_residuals(
+    model,
+    indices: np.ndarray,
+    batch_size: int = 1024,
+    encoded: EncodedCells | None = None,
+) -> ContextResiduals:
     """Encode the cells among ``indices`` and summarise the perturbed ones per context.
 
     Residuals are taken from each cell line's control cells (``mu_c`` = their mean of
@@ -88,14 +125,14 @@ def context_residuals(model, indices: np.ndarray, batch_size: int = 1024) -> Con
         Cells of the registered AnnData to use (the training cells).
     batch_size
         Cells encoded at a time.
+    encoded
+        The output of :func:`encode_cells` for the same ``indices``, to summarise the same
+        encoding under another graph without encoding again.
     """
     adata = model.adata
     features = model._features(adata)
-    indices = np.asarray(indices)
-    control = model._control_mask(adata, features)[indices]
-    cells = indices[~control]
-    if len(cells) == 0:
-        raise ValueError("No perturbed training cell to fit the generator on.")
+    encoded = encoded if encoded is not None else encode_cells(model, indices, batch_size)
+    cells = encoded.cells
     line_codes = model._cell_line_codes(adata)
     lines = line_codes[cells]
     doses = model._doses(adata)
@@ -110,22 +147,16 @@ def context_residuals(model, indices: np.ndarray, batch_size: int = 1024) -> Con
         system = module.scm.system_matrix().cpu().numpy().astype(np.float64)
         basal = module.basal_mean.weight.cpu().numpy().astype(np.float64).copy()
         exogenous_sd = torch.exp(module.log_exogenous_scale).cpu().numpy().astype(np.float64)
-    controls = indices[control]
+    controls = encoded.controls
     if len(controls):
-        z_control, var_control = model.get_latent_representation(
-            indices=controls, batch_size=batch_size, return_dist=True
-        )
-        u_control = z_control.astype(np.float64) @ system
+        u_control = encoded.z_control.astype(np.float64) @ system
         control_lines = line_codes[controls]
         for line in np.unique(control_lines):
             basal[line] = u_control[control_lines == line].mean(0)
-        spread = (u_control - basal[control_lines]) ** 2 + var_control @ system**2
+        spread = (u_control - basal[control_lines]) ** 2 + encoded.var_control @ system**2
         exogenous_sd = np.sqrt(spread.mean(0))
-    z_mean, z_var = model.get_latent_representation(
-        indices=cells, batch_size=batch_size, return_dist=True
-    )
-    residual = z_mean.astype(np.float64) @ system - basal[lines]
-    variance = z_var.astype(np.float64) @ system**2  # Var[(z A)_k] for diagonal q
+    residual = encoded.z_mean.astype(np.float64) @ system - basal[lines]
+    variance = encoded.z_var.astype(np.float64) @ system**2  # Var[(z A)_k] for diagonal q
     n_contexts = int(codes.max()) + 1
     groups = sp.csr_matrix(
         (np.ones(len(cells)), (codes, np.arange(len(cells)))), shape=(n_contexts, len(cells))
