@@ -72,6 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     train_time = time.perf_counter() - t0
     print(f"training: {args.epochs} epochs in {train_time:.1f} s; graph {model.graph_pruning_}")
+    _print_neighbour_choice(model)
 
     t0 = time.perf_counter()
     results = gim_scvi.tl.evaluate(model, adata, split_key="split", heldout="test")
@@ -136,6 +137,20 @@ SUMMARY_COLUMNS = {
     "pearson_delta_deg_mean": "Pearson d DEG",
     "energy_distance_mean": "energy dist",
 }
+
+
+def _print_neighbour_choice(model) -> None:
+    """One line on how much unseen drugs borrow from similar seen ones (if it was chosen)."""
+    table = getattr(model, "neighbour_selection_", None)
+    if table is None:
+        return
+    chosen = table.loc[table["chosen"]].iloc[0]
+    print(
+        f"unseen drugs borrow {chosen['weight']:.0%} of their intervention from similar "
+        f"training drugs (temperature {chosen['temperature']:g}), chosen on "
+        f"{int(chosen['n_conditions'])} validation conditions: DEG-R² {chosen['r2_deg']:.3f} "
+        f"(ensemble alone {table.loc[0, 'r2_deg']:.3f})"
+    )
 
 
 def _print_summary(summary: pd.DataFrame) -> None:
@@ -295,6 +310,7 @@ def _train(args: argparse.Namespace) -> int:
         enable_progress_bar=not args.quiet,
     )
     print(f"training: {time.perf_counter() - t0:.1f} s")
+    _print_neighbour_choice(model)
     degs = gim_scvi.data.sciplex3_degs(adata) if args.degs == "file" else args.degs
     results = gim_scvi.tl.evaluate(model, adata, split_key="split_ood", heldout="ood", degs=degs)
     summary = gim_scvi.tl.summarize(results)

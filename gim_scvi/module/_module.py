@@ -15,10 +15,12 @@ from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
 from gim_scvi.module._decoder import Likelihood, LoadingsActivation, ProgramDecoder
 from gim_scvi.module._generator import (
     GeneratorEnsemble,
+    InterventionGenerator,
     InterventionParams,
     bernoulli_kl,
     relaxed_bernoulli,
 )
+from gim_scvi.module._neighbours import feature_similarity, neighbour_weights
 from gim_scvi.module._scm import GraphType, LatentSCM
 
 PredictMode = Literal["map", "mean", "sample"]
@@ -207,9 +209,16 @@ class GIMModule(BaseModuleClass):
         # training by `gim_scvi.model._refit.refit_seen_perturbations`) and where they are set
         self.register_buffer("seen_params", torch.zeros(0, self.n_cell_lines, 3, n_programs))
         self.register_buffer("seen_fitted", torch.zeros(0, self.n_cell_lines, dtype=torch.bool))
+        # share of an unseen perturbation's intervention distribution that is the mixture of
+        # the seen ones' own interventions (weighted by softmax(similarity / temperature));
+        # both chosen after training on validation perturbations (0: the ensemble alone)
+        self.register_buffer("neighbour_weight", torch.zeros(()))
+        self.register_buffer("neighbour_temperature", torch.full((), 0.05))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Size the seen-perturbation buffers to the saved ones (none in older models)."""
+        for name in ("neighbour_weight", "neighbour_temperature"):  # older models: none
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
         n_seen = state_dict.get(prefix + "seen_features", self.seen_features[:0]).shape[0]
         for name in ("seen_features", "seen_params", "seen_fitted"):
             key = prefix + name
@@ -337,7 +346,10 @@ class GIMModule(BaseModuleClass):
         dose never measured) more closely than the ensemble of linear maps. Where that
         perturbation's shift sizes and dose response have been fitted on its own cells in a
         cell line (``seen_fitted``, set after training), they replace the generator's there;
-        its targets stay the generator's.
+        its targets stay the generator's. With ``neighbour_weight > 0`` (chosen after
+        training on validation perturbations), an unseen row's intervention is that share
+        of :meth:`neighbour_intervention` and the rest the ensemble's (``use_seen=False``
+        gives the ensemble's alone, for every row).
         """
         net = self.active_generator
         if mode == "relaxed" or not use_seen:
@@ -348,6 +360,7 @@ class GIMModule(BaseModuleClass):
             return self._generated_intervention(net, *args)
         out = self._generated_intervention(net, features, dose, cell_line, mode, generator)
         seen = seen_index >= 0
+        out = self._with_neighbours(out, ~seen, features, dose, cell_line, mode, generator)
         if not seen.any():
             return out
         own = self._generated_intervention(
@@ -360,6 +373,130 @@ class GIMModule(BaseModuleClass):
             else torch.where(rows if value.dim() == 2 else seen, own[key], value)
             for key, value in out.items()
         }
+
+    def neighbour_intervention(
+        self,
+        features: torch.Tensor,
+        dose: torch.Tensor | None,
+        cell_line: torch.Tensor,
+        mode: PredictMode,
+        generator: torch.Generator | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+        """The mixture of the training perturbations' own interventions, by similarity.
+
+        Each seen perturbation contributes its intervention in the row's cell line (the
+        jointly trained generator's targets, its own fitted shift sizes and dose response,
+        see :meth:`with_seen_fits`) with weight ``softmax(similarity / neighbour_temperature)``
+        (:func:`~gim_scvi.module._neighbours.feature_similarity`). Only perturbations fitted
+        in that cell line count, and never one with exactly the row's features (a seen
+        perturbation is its own nearest neighbour).
+
+        Parameters
+        ----------
+        features, dose, cell_line, mode, generator
+            As in :meth:`intervention` (not ``"relaxed"``).
+        allowed
+            Optional ``n_seen`` boolean mask of the seen perturbations that may be used.
+
+        Returns
+        -------
+        The fields of :meth:`intervention` except ``target_kl``, and which rows had at least
+        one neighbour (rows without one get zeros).
+        """
+        n_seen, n_lines = self.seen_features.shape[0], self.n_cell_lines
+        device = features.device
+        lines = torch.arange(n_lines, device=device).repeat_interleave(n_seen)[:, None]
+        every_seen = torch.arange(n_seen, device=device)
+        seen_std = self.standardise_features(self.seen_features).repeat(n_lines, 1)
+        params = self.with_seen_fits(
+            self.joint_generator(seen_std, lines), every_seen.repeat(n_lines), lines
+        )
+        line = cell_line.view(-1)
+
+        def per_row(values: torch.Tensor | None) -> torch.Tensor | None:
+            """members(1) x (lines * seen) x K -> seen x n x K in each row's line."""
+            return (
+                None
+                if values is None
+                else values[0].view(n_lines, n_seen, -1)[line].transpose(0, 1)
+            )
+
+        params = InterventionParams(*(per_row(v) for v in params))
+        usable = self.seen_fitted[:, line].T & (self.seen_index(features)[:, None] != every_seen)
+        if allowed is not None:
+            usable = usable & allowed
+        similarity = feature_similarity(features, self.seen_features, self.feature_std)
+        weights = neighbour_weights(similarity, float(self.neighbour_temperature), usable)
+        has_neighbour = usable.any(1)
+        probs = torch.sigmoid(params.target_logits)  # seen x n x K
+        if mode == "sample":
+            pick = torch.multinomial(
+                torch.where(has_neighbour[:, None], weights, torch.ones_like(weights)),
+                1,
+                generator=generator,
+            )[:, 0]
+            weights = torch.nn.functional.one_hot(pick, n_seen).to(probs.dtype)
+            weights = weights * has_neighbour[:, None]
+            targets = torch.bernoulli(probs, generator=generator)
+        elif mode == "mean":
+            targets = probs
+        elif mode == "map":
+            targets = (probs > 0.5).to(probs.dtype)
+        else:
+            raise ValueError(f"mode must be 'map', 'mean' or 'sample', got {mode!r}.")
+        response = InterventionGenerator.dose_response(params, self.standardise_log_dose(dose))
+        strength = targets * response
+        share = weights.T[..., None]  # seen x n x 1
+
+        def mix(values: torch.Tensor) -> torch.Tensor:
+            return (share * values).sum(0)
+
+        out = {
+            "shift": mix(strength * params.shift),
+            "log_scale": None if params.log_scale is None else mix(strength * params.log_scale),
+            "target_probs": mix(probs),
+            "targets": mix(targets),
+            "dose_response": mix(response),
+        }
+        return out, has_neighbour
+
+    def _with_neighbours(
+        self,
+        out: dict[str, torch.Tensor | None],
+        rows: torch.Tensor,
+        features: torch.Tensor,
+        dose: torch.Tensor | None,
+        cell_line: torch.Tensor,
+        mode: PredictMode,
+        generator: torch.Generator | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """``out`` with the chosen ``rows`` mixed with :meth:`neighbour_intervention`.
+
+        A row takes ``neighbour_weight`` x the neighbours' mixture + the rest x ``out``; with
+        ``mode="sample"`` it takes the neighbours' draw with that probability instead.
+        """
+        weight = float(self.neighbour_weight)
+        if weight == 0.0 or self.seen_features.shape[0] == 0 or not rows.any():
+            return out
+        out = {key: value if value is None else value.clone() for key, value in out.items()}
+        # rows x seen x programs per block: a few hundred MB at most for any number of rows
+        for idx in torch.nonzero(rows, as_tuple=True)[0].split(1024):
+            neighbours, has_neighbour = self.neighbour_intervention(
+                features[idx],
+                None if dose is None else dose[idx],
+                cell_line[idx],
+                mode,
+                generator,
+            )
+            share = weight * has_neighbour.to(neighbours["shift"].dtype)[:, None]
+            if mode == "sample":
+                draw = torch.rand(share.shape, generator=generator, device=share.device)
+                share = (draw < share).to(share.dtype)
+            for key, value in neighbours.items():
+                if value is not None:
+                    out[key][idx] = share * value + (1 - share) * out[key][idx]
+        return out
 
     def _generated_intervention(
         self,

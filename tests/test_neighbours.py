@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+
+import gim_scvi
+from gim_scvi.module import GIMModule
+from gim_scvi.module._neighbours import feature_similarity, neighbour_weights
+
+
+def test_feature_similarity_is_tanimoto_for_bits_and_scaled_distance_otherwise():
+    seen = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    query = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    sim = feature_similarity(query, seen)
+    torch.testing.assert_close(sim, torch.tensor([[2 / 3, 1 / 4], [0.0, 0.0]]))
+    dense = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    sim = feature_similarity(torch.tensor([[0.0, 0.0]]), dense)
+    # minus the distance in units of the median one (5): equal row 0, the farthest -2
+    torch.testing.assert_close(sim, torch.tensor([[0.0, -1.0, -2.0]]))
+    scaled = feature_similarity(torch.tensor([[0.0, 0.0]]), dense, torch.tensor([1.0, 100.0]))
+    assert scaled[0, 0] == 0 and scaled[0, 1] == -1.0  # the same ranks with other scales
+
+
+def test_neighbour_weights_respect_the_mask_and_the_temperature():
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.4]])
+    allowed = torch.tensor([[True, True, True], [False, False, False]])
+    sharp = neighbour_weights(sim, 0.001, allowed)
+    torch.testing.assert_close(sharp, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    flat = neighbour_weights(sim, 100.0, torch.tensor([False, True, True]))
+    torch.testing.assert_close(flat[:, 0], torch.zeros(2))
+    torch.testing.assert_close(flat.sum(1), torch.ones(2))
+    assert (flat[:, 1:] - 0.5).abs().max() < 0.01
+
+
+def _module_with_two_seen_drugs() -> GIMModule:
+    """Seen A (bits 0, 1) shifts program 0 by +2, seen B (bits 2, 3) program 2 by -2."""
+    module = GIMModule(n_input=10, n_features=4, n_programs=3, n_generators=1, has_dose=False)
+    module.set_seen_features(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]))
+    with torch.no_grad():
+        for net in (module.joint_generator, module.generator):
+            heads = net.members[0].heads
+            heads.weight.zero_()
+            heads.bias.zero_()
+        # every program targeted by the joint generator, no shift from either generator
+        module.joint_generator.members[0].heads.bias.view(4, 3)[0] = 8.0
+        module.seen_params[0, 0, 0] = torch.tensor([2.0, 0.0, 0.0])
+        module.seen_params[1, 0, 0] = torch.tensor([0.0, 0.0, -2.0])
+        module.seen_params[:, :, 2] = 1.0  # slope (no dose: the response is 1 anyway)
+        module.seen_fitted.fill_(True)
+        module.ensemble_fitted.fill_(True)
+    return module.eval()
+
+
+def test_unseen_drug_borrows_from_its_most_similar_seen_drug():
+    module = _module_with_two_seen_drugs()
+    unseen = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # Tanimoto 2/3 to A, 1/4 to B
+    line = torch.zeros(1, 1, dtype=torch.long)
+
+    def shift(features=unseen, **kwargs):
+        with torch.no_grad():
+            return module.intervention(features, None, line, mode="mean", **kwargs)["shift"]
+
+    torch.testing.assert_close(shift(), torch.zeros(1, 3))  # weight 0: the ensemble alone
+    module.neighbour_weight.fill_(1.0)
+    module.neighbour_temperature.fill_(0.01)
+    torch.testing.assert_close(shift(), torch.tensor([[2.0, 0.0, 0.0]]), atol=1e-3, rtol=0)
+    module.neighbour_weight.fill_(0.5)
+    torch.testing.assert_close(shift(), torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-3, rtol=0)
+    module.neighbour_temperature.fill_(100.0)  # flat: both drugs alike
+    torch.testing.assert_close(shift(), torch.tensor([[0.5, 0.0, -0.5]]), atol=1e-2, rtol=0)
+    # a seen drug keeps its own fit; the feature-only view is the ensemble's alone
+    module.neighbour_weight.fill_(1.0)
+    module.neighbour_temperature.fill_(0.01)
+    seen_a = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(shift(seen_a), torch.tensor([[2.0, 0.0, 0.0]]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(shift(unseen, use_seen=False), torch.zeros(1, 3))
+    # a seen drug is never its own neighbour
+    with torch.no_grad():
+        borrowed, has = module.neighbour_intervention(seen_a, None, line, "mean")
+    torch.testing.assert_close(
+        borrowed["shift"], torch.tensor([[0.0, 0.0, -2.0]]), atol=1e-3, rtol=0
+    )
+    assert has.tolist() == [True]
+    # no fitted neighbour in the line: the ensemble alone
+    module.seen_fitted.fill_(False)
+    torch.testing.assert_close(shift(), torch.zeros(1, 3))
+
+
+def test_sampled_interventions_come_from_one_source_per_row():
+    module = _module_with_two_seen_drugs()
+    module.neighbour_weight.fill_(0.5)
+    module.neighbour_temperature.fill_(100.0)
+    features = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(400, 1)
+    line = torch.zeros(400, 1, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        shift = module.intervention(features, None, line, mode="sample", generator=generator)
+    rows = {tuple(np.round(row, 3)) for row in shift["shift"].numpy()}
+    # the ensemble's (no shift), A's or B's whole intervention, never a blend
+    assert rows <= {(0.0, 0.0, 0.0), (2.0, 0.0, 0.0), (0.0, 0.0, -2.0)}
+    share = (shift["shift"].abs().sum(1) > 0).float().mean()
+    assert 0.4 < share < 0.6
+
+
+def test_older_states_load_without_neighbours():
+    module = _module_with_two_seen_drugs()
+    module.neighbour_weight.fill_(1.0)
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("neighbour_")}
+    fresh = GIMModule(n_input=10, n_features=4, n_programs=3, n_generators=1, has_dose=False)
+    fresh.load_state_dict(state)
+    assert float(fresh.neighbour_weight) == 0.0
+    fresh.load_state_dict(module.state_dict())
+    assert float(fresh.neighbour_weight) == 1.0
+
+
+def test_train_chooses_the_mixture_on_unseen_validation_drugs(trained, tmp_path):
+    model, adata = trained  # trained with validation_split="valid": one whole drug
+    table = model.neighbour_selection_
+    assert len(table) == 7 and table["chosen"].sum() == 1  # weight 0 + 2 weights x 3 temps
+    assert table.loc[0, "weight"] == 0.0 and np.isfinite(table["r2_deg"]).all()
+    chosen = table.loc[table["chosen"]].iloc[0]
+    best = table["r2_deg"].idxmax()
+    assert table.loc[best, "gap"] == 0 and (table["gap"] >= 0).all()
+    # the smallest weight within one standard error of the best
+    within = table[table["gap"] <= table["gap_se"]]
+    assert chosen["weight"] == within["weight"].min() and chosen["gap"] <= chosen["gap_se"]
+    assert float(model.module.neighbour_weight) == chosen["weight"]
+    assert model.train_params_["neighbour_weight"] == chosen["weight"]
+    again = model.select_neighbour_mixture(weights=(0.0, 1.0), temperatures=(0.05,))
+    assert len(again) == 2
+    model.save(tmp_path / "m")
+    loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
+    assert float(loaded.module.neighbour_weight) == float(model.module.neighbour_weight)
+    with pytest.raises(ValueError, match="unseen in training"):
+        model.select_neighbour_mixture(validation_split="train")
+    with pytest.raises(ValueError, match="include 0"):
+        model.select_neighbour_mixture(weights=(0.5, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        model.select_neighbour_mixture(temperatures=(0.0,))
+    model.select_neighbour_mixture()  # leave the fixture as train() left it
