@@ -30,6 +30,24 @@ def unseen_validation_cells(model, adata: AnnData, split_key: str, validation_sp
     return perturbed & np.isin(features.inverse, unseen_rows)
 
 
+def scoring_cells(
+    model,
+    adata: AnnData,
+    split_key: str,
+    validation_split: str,
+    train_split: str,
+    seed: int,
+    n_train: int = 2000,
+) -> np.ndarray:
+    """Indices of the control and validation cells and of up to ``n_train`` training cells."""
+    split = adata.obs[split_key].astype(str).to_numpy()
+    control = model._control_mask(adata, model._features(adata))
+    train = np.flatnonzero((split == train_split) & ~control)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(train, size=min(n_train, len(train)), replace=False)
+    return np.union1d(np.flatnonzero(control | (split == validation_split)), sample)
+
+
 def select_neighbour_mixture(
     model,
     adata: AnnData | None = None,
@@ -74,6 +92,10 @@ def select_neighbour_mixture(
         )
     module = model.module
     train_split = params.get("train_split", "train")
+    # the scores need the controls and the validation cells; a sample of training cells
+    # serves the principal components of the energy distance (not used for the choice)
+    adata = adata[scoring_cells(model, adata, split_key, validation_split, train_split, seed)]
+    adata = adata.copy()
     before = (float(module.neighbour_weight), float(module.neighbour_temperature))
     candidates = [(0.0, temperatures[0])] + [
         (w, t) for w in weights if w > 0 for t in temperatures
