@@ -320,7 +320,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         fitted on its own cells, and each member of the generator ensemble (``n_generators >
         0``, default 5; low-rank linear maps) is fitted afresh (``generator_refit_steps``
         full-batch steps); the ensemble makes every prediction of an unseen perturbation from
-        then on. See ``benchmarks/README.md`` for what the second stage does.
+        then on, mixed with the interventions of similar seen perturbations if validation
+        perturbations never trained on say so (``neighbour_selection``). See
+        ``benchmarks/README.md`` for what the second stage does.
 
         Parameters
         ----------
@@ -509,10 +511,14 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         linearly. Which holds depends on the screen, and cross-validation over the training
         perturbations cannot tell (they shaped the programs; ``benchmarks/README.md``), so
         the choice is made on validation perturbations that were never trained on: each
-        (``weight``, ``temperature``) pair predicts them and the one with the highest mean
-        DEG-R² at their highest dose (:func:`gim_scvi.tl.evaluate`, DEGs pooled over doses)
-        is kept, ties going to the smaller weight. :meth:`train` does this when its
-        ``validation_split`` holds such perturbations.
+        (``weight``, ``temperature``) pair predicts them and is scored by its mean DEG-R² at
+        their highest dose (:func:`gim_scvi.tl.evaluate`, DEGs pooled over doses), and the
+        smallest weight within one standard error of the best (paired over the validation
+        conditions) is kept, so that a few validation drugs move the model away from the
+        ensemble only on clear evidence. :meth:`train` does this when its
+        ``validation_split`` holds such perturbations. The scores use the control and
+        validation cells (and 2,000 training cells for the energy distance's principal
+        components), so the cost does not grow with the training set.
 
         Parameters
         ----------
@@ -534,8 +540,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         Returns
         -------
         One row per candidate with its mean ``r2_deg``, ``pearson_delta_deg`` and
-        ``energy_distance`` on the validation conditions at their highest dose; ``chosen``
-        marks the one kept. Also stored as ``neighbour_selection_``.
+        ``energy_distance`` on the validation conditions at their highest dose, ``gap`` (mean
+        shortfall in ``r2_deg`` to the best candidate) and ``gap_se`` (its standard error);
+        ``chosen`` marks the one kept. Also stored as ``neighbour_selection_``.
         """
         table = select_neighbour_mixture(
             self, adata, split_key, validation_split, weights, temperatures, n_cells, seed

@@ -58,7 +58,7 @@ def select_neighbour_mixture(
     n_cells: int = 200,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Score each (weight, temperature) on the validation perturbations and keep the best.
+    """Score each (weight, temperature) on the validation perturbations and keep one.
 
     See :meth:`gim_scvi.GIM.select_neighbour_mixture`.
     """
@@ -137,9 +137,8 @@ def select_neighbour_mixture(
     table = pd.DataFrame(rows)
     table["gap"], table["gap_se"] = _gaps_to_best(per_condition, table["r2_deg"].to_numpy())
     within = table[table["gap"] <= table["gap_se"]]  # the best one is always within
-    best = within.sort_values(["weight", "r2_deg"], ascending=[True, False], kind="stable").index[
-        0
-    ]
+    order = within.sort_values(["weight", "r2_deg"], ascending=[True, False], kind="stable")
+    best = order.index[0]
     table["chosen"] = table.index == best
     chosen = table.loc[best]
     module.neighbour_weight.fill_(float(chosen["weight"]))
