@@ -145,11 +145,20 @@ def _print_neighbour_choice(model) -> None:
     if table is None:
         return
     chosen = table.loc[table["chosen"]].iloc[0]
+    mixed = table[table["weight"] > 0]
+    best = mixed.loc[mixed["r2_deg"].idxmax()] if len(mixed) else None
+    where = f"on {int(chosen['n_conditions'])} validation conditions"
+    if chosen["weight"] == 0:
+        other = "" if best is None else f"; best with neighbours {best['r2_deg']:.3f}"
+        print(
+            "unseen drugs: the generator ensemble alone, chosen "
+            f"{where} (DEG-R² {chosen['r2_deg']:.3f}{other})"
+        )
+        return
     print(
         f"unseen drugs borrow {chosen['weight']:.0%} of their intervention from similar "
-        f"training drugs (temperature {chosen['temperature']:g}), chosen on "
-        f"{int(chosen['n_conditions'])} validation conditions: DEG-R² {chosen['r2_deg']:.3f} "
-        f"(ensemble alone {table.loc[0, 'r2_deg']:.3f})"
+        f"training drugs (temperature {chosen['temperature']:g}), chosen {where}: DEG-R² "
+        f"{chosen['r2_deg']:.3f} (ensemble alone {table.loc[0, 'r2_deg']:.3f})"
     )
 
 

@@ -137,3 +137,29 @@ def test_train_chooses_the_mixture_on_unseen_validation_drugs(trained, tmp_path)
     with pytest.raises(ValueError, match="positive"):
         model.select_neighbour_mixture(temperatures=(0.0,))
     model.select_neighbour_mixture()  # leave the fixture as train() left it
+
+
+def test_cli_reports_the_choice(capsys):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from gim_scvi.cli import _print_neighbour_choice
+
+    table = pd.DataFrame(
+        {
+            "weight": [0.0, 0.5, 1.0],
+            "temperature": [0.005, 0.005, 0.02],
+            "r2_deg": [0.30, 0.45, 0.40],
+            "n_conditions": [12, 12, 12],
+            "chosen": [True, False, False],
+        }
+    )
+    _print_neighbour_choice(SimpleNamespace(neighbour_selection_=table))
+    assert "ensemble alone" in capsys.readouterr().out
+    table["chosen"] = [False, True, False]
+    _print_neighbour_choice(SimpleNamespace(neighbour_selection_=table))
+    out = capsys.readouterr().out
+    assert "borrow 50%" in out and "temperature 0.005" in out and "0.450" in out
+    _print_neighbour_choice(SimpleNamespace(neighbour_selection_=None))
+    assert capsys.readouterr().out == ""
