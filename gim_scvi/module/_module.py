@@ -430,7 +430,7 @@ class GIMModule(BaseModuleClass):
         weights = neighbour_weights(similarity, float(self.neighbour_temperature), usable)
         has_neighbour = usable.any(1)
         probs = torch.sigmoid(params.target_logits)  # seen x n x K
-        if mode == "sample":
+        if mode == "sample":  # one neighbour per row, drawn by its weight
             pick = torch.multinomial(
                 torch.where(has_neighbour[:, None], weights, torch.ones_like(weights)),
                 1,
@@ -438,27 +438,9 @@ class GIMModule(BaseModuleClass):
             )[:, 0]
             weights = torch.nn.functional.one_hot(pick, n_seen).to(probs.dtype)
             weights = weights * has_neighbour[:, None]
-            targets = torch.bernoulli(probs, generator=generator)
-        elif mode == "mean":
-            targets = probs
-        elif mode == "map":
-            targets = (probs > 0.5).to(probs.dtype)
-        else:
-            raise ValueError(f"mode must be 'map', 'mean' or 'sample', got {mode!r}.")
-        response = InterventionGenerator.dose_response(params, self.standardise_log_dose(dose))
-        strength = targets * response
+        targets = point_or_drawn_targets(probs, mode, generator)
         share = weights.T[..., None]  # seen x n x 1
-
-        def mix(values: torch.Tensor) -> torch.Tensor:
-            return (share * values).sum(0)
-
-        out = {
-            "shift": mix(strength * params.shift),
-            "log_scale": None if params.log_scale is None else mix(strength * params.log_scale),
-            "target_probs": mix(probs),
-            "targets": mix(targets),
-            "dose_response": mix(response),
-        }
+        out = mixture_fields(params, share, targets, self.standardise_log_dose(dose))
         return out, has_neighbour
 
     def _with_neighbours(
@@ -526,35 +508,16 @@ class GIMModule(BaseModuleClass):
                 hard=self.straight_through,
                 generator=generator,
             )
-        elif mode == "sample":
-            if n_members > 1:  # one member per row (a single generator draws nothing here)
+        else:
+            if mode == "sample" and n_members > 1:  # one member per row
                 pick = torch.randint(
                     n_members, (n_rows,), generator=generator, device=probs.device
                 )
                 weight = torch.nn.functional.one_hot(pick, n_members).T[..., None].to(probs.dtype)
-            targets = torch.bernoulli(probs, generator=generator)
-        elif mode == "mean":
-            targets = probs
-        elif mode == "map":
-            targets = (probs > 0.5).to(probs.dtype)
-        else:
-            raise ValueError(f"mode must be 'map', 'mean' or 'sample', got {mode!r}.")
-        response = net.dose_response(params, self.standardise_log_dose(dose))
-        strength = targets * response
-
-        def mix(values: torch.Tensor) -> torch.Tensor:
-            return (weight * values).sum(0)
-
-        log_scale = None if params.log_scale is None else mix(strength * params.log_scale)
-        target_kl = bernoulli_kl(params.target_logits, self.target_prior).sum(-1).mean(0)
-        return {
-            "shift": mix(strength * params.shift),
-            "log_scale": log_scale,
-            "target_probs": mix(probs),
-            "targets": mix(targets),
-            "dose_response": mix(response),
-            "target_kl": target_kl,
-        }
+            targets = point_or_drawn_targets(probs, mode, generator)
+        out = mixture_fields(params, weight, targets, self.standardise_log_dose(dose))
+        out["target_kl"] = bernoulli_kl(params.target_logits, self.target_prior).sum(-1).mean(0)
+        return out
 
     def _contextual_intervention(
         self,
@@ -783,6 +746,45 @@ class GIMModule(BaseModuleClass):
         prior = self.exogenous_prior(cell_line, None)
         noise = torch.randn(prior.loc.shape, generator=generator, device=prior.loc.device)
         return prior.loc + prior.scale * noise
+
+
+def point_or_drawn_targets(
+    probs: torch.Tensor, mode: PredictMode, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Targets for a prediction mode: probabilities, their MAP, or Bernoulli draws."""
+    if mode == "sample":
+        return torch.bernoulli(probs, generator=generator)
+    if mode == "mean":
+        return probs
+    if mode == "map":
+        return (probs > 0.5).to(probs.dtype)
+    raise ValueError(f"mode must be 'map', 'mean' or 'sample', got {mode!r}.")
+
+
+def mixture_fields(
+    params: InterventionParams,
+    share: torch.Tensor,
+    targets: torch.Tensor,
+    log_dose: torch.Tensor | None,
+) -> dict[str, torch.Tensor | None]:
+    """Fields of a mixture of interventions.
+
+    ``params`` and ``targets`` are ``sources x n x K`` (ensemble members or seen
+    perturbations), ``share`` each source's weight per row (``sources x n x 1``).
+    """
+    response = InterventionGenerator.dose_response(params, log_dose)
+    strength = targets * response
+
+    def mix(values: torch.Tensor) -> torch.Tensor:
+        return (share * values).sum(0)
+
+    return {
+        "shift": mix(strength * params.shift),
+        "log_scale": None if params.log_scale is None else mix(strength * params.log_scale),
+        "target_probs": mix(torch.sigmoid(params.target_logits)),
+        "targets": mix(targets),
+        "dose_response": mix(response),
+    }
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
