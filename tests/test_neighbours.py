@@ -163,3 +163,21 @@ def test_cli_reports_the_choice(capsys):
     assert "borrow 50%" in out and "temperature 0.005" in out and "0.450" in out
     _print_neighbour_choice(SimpleNamespace(neighbour_selection_=None))
     assert capsys.readouterr().out == ""
+
+
+def test_neighbour_mixing_in_blocks_gives_the_same_rows(monkeypatch):
+    import gim_scvi.module._module as module_code
+
+    module = _module_with_two_seen_drugs()
+    module.neighbour_weight.fill_(0.5)
+    module.neighbour_temperature.fill_(0.3)
+    features = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    features = features.repeat(5, 1)
+    line = torch.zeros(len(features), 1, dtype=torch.long)
+    with torch.no_grad():
+        whole = module.intervention(features, None, line, mode="mean")
+        monkeypatch.setattr(module_code, "NEIGHBOUR_BLOCK_VALUES", 12)  # 2 rows per block
+        blocks = module.intervention(features, None, line, mode="mean")
+    for key in ("shift", "target_probs", "targets", "dose_response"):
+        torch.testing.assert_close(blocks[key], whole[key])
+    assert not torch.allclose(whole["shift"][0], whole["shift"][1])  # rows differ

@@ -24,6 +24,7 @@ from gim_scvi.module._neighbours import feature_similarity, neighbour_weights
 from gim_scvi.module._scm import GraphType, LatentSCM
 
 PredictMode = Literal["map", "mean", "sample"]
+NEIGHBOUR_BLOCK_VALUES = 1 << 22  # rows x seen x programs per block of neighbour mixing
 
 
 class GIMModule(BaseModuleClass):
@@ -462,8 +463,10 @@ class GIMModule(BaseModuleClass):
         if weight == 0.0 or self.seen_features.shape[0] == 0 or not rows.any():
             return out
         out = {key: value if value is None else value.clone() for key, value in out.items()}
-        # rows x seen x programs per block: a few hundred MB at most for any number of rows
-        for idx in torch.nonzero(rows, as_tuple=True)[0].split(1024):
+        # blocks of rows with at most ~4M (rows x seen x programs) values per tensor, so the
+        # memory stays bounded for any number of rows and seen perturbations
+        block = max(1, NEIGHBOUR_BLOCK_VALUES // (self.seen_features.shape[0] * self.n_programs))
+        for idx in torch.nonzero(rows, as_tuple=True)[0].split(block):
             neighbours, has_neighbour = self.neighbour_intervention(
                 features[idx],
                 None if dose is None else dose[idx],
