@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+import scvi
 import torch
+from conftest import make_small, setup
 
 import gim_scvi
 from gim_scvi.module import GIMModule
@@ -181,3 +183,20 @@ def test_neighbour_mixing_in_blocks_gives_the_same_rows(monkeypatch):
     for key in ("shift", "target_probs", "targets", "dose_response"):
         torch.testing.assert_close(blocks[key], whole[key])
     assert not torch.allclose(whole["shift"][0], whole["shift"][1])  # rows differ
+
+
+def test_train_can_skip_the_choice():
+    scvi.settings.seed = 0
+    adata = setup(make_small())
+    model = gim_scvi.GIM(adata, n_programs=3, n_generators=2)
+    model.train(
+        max_epochs=1,
+        split_key="split",
+        validation_split="valid",
+        batch_size=64,
+        enable_progress_bar=False,
+        generator_refit_steps=20,
+        neighbour_selection=False,
+    )
+    assert model.neighbour_selection_ is None and float(model.module.neighbour_weight) == 0.0
+    assert model.train_params_["neighbour_selection"] is False
