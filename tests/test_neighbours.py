@@ -200,3 +200,6 @@ def test_train_can_skip_the_choice():
     )
     assert model.neighbour_selection_ is None and float(model.module.neighbour_weight) == 0.0
     assert model.train_params_["neighbour_selection"] is False
+    model.module.ensemble_fitted.fill_(False)  # as with n_generators=0: nothing to mix with
+    with pytest.raises(ValueError, match="generator ensemble"):
+        model.select_neighbour_mixture()

@@ -74,6 +74,11 @@ def select_neighbour_mixture(
             "Pass `split_key` and `validation_split` (the model was trained without them): "
             "the validation cells must be perturbations that were not trained on."
         )
+    if model.module.generator is None or not bool(model.module.ensemble_fitted):
+        raise ValueError(
+            "The neighbour mixture is mixed with the fitted generator ensemble: train a model "
+            "with `n_generators > 0` and `generator_refit_steps > 0` (the defaults)."
+        )
     weights = _checked_grid(weights, "weights", lower=0.0, upper=1.0)
     temperatures = _checked_grid(temperatures, "temperatures", lower=None, upper=None)
     if 0.0 not in weights:
