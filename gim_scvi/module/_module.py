@@ -405,25 +405,65 @@ class GIMModule(BaseModuleClass):
         The fields of :meth:`intervention` except ``target_kl``, and which rows had at least
         one neighbour (rows without one get zeros).
         """
+        by_line = self._seen_params_by_line()
+        # blocks of rows with at most ~4M (rows x seen x programs) values per tensor, so the
+        # memory stays bounded for any number of rows and seen perturbations
+        block = max(1, NEIGHBOUR_BLOCK_VALUES // (self.seen_features.shape[0] * self.n_programs))
+        parts = [
+            self._neighbour_block(
+                by_line,
+                features[idx],
+                None if dose is None else dose[idx],
+                cell_line[idx],
+                mode,
+                generator,
+                allowed,
+            )
+            for idx in torch.arange(features.shape[0], device=features.device).split(block)
+        ]
+        out = {
+            key: None if parts[0][0][key] is None else torch.cat([p[0][key] for p in parts])
+            for key in parts[0][0]
+        }
+        return out, torch.cat([p[1] for p in parts])
+
+    def _seen_params_by_line(self) -> InterventionParams:
+        """Every seen perturbation's intervention parameters in every line (lines x seen x K).
+
+        The jointly trained generator's targets with the perturbation's own fitted shift sizes
+        and dose response where it has them (:meth:`with_seen_fits`).
+        """
         n_seen, n_lines = self.seen_features.shape[0], self.n_cell_lines
-        device = features.device
+        device = self.seen_features.device
         lines = torch.arange(n_lines, device=device).repeat_interleave(n_seen)[:, None]
-        every_seen = torch.arange(n_seen, device=device)
         seen_std = self.standardise_features(self.seen_features).repeat(n_lines, 1)
         params = self.with_seen_fits(
-            self.joint_generator(seen_std, lines), every_seen.repeat(n_lines), lines
+            self.joint_generator(seen_std, lines),
+            torch.arange(n_seen, device=device).repeat(n_lines),
+            lines,
         )
+        return InterventionParams(
+            *(None if v is None else v[0].view(n_lines, n_seen, -1) for v in params)
+        )
+
+    def _neighbour_block(
+        self,
+        by_line: InterventionParams,
+        features: torch.Tensor,
+        dose: torch.Tensor | None,
+        cell_line: torch.Tensor,
+        mode: PredictMode,
+        generator: torch.Generator | None,
+        allowed: torch.Tensor | None,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+        """:meth:`neighbour_intervention` for one block of rows."""
+        n_seen = self.seen_features.shape[0]
         line = cell_line.view(-1)
-
-        def per_row(values: torch.Tensor | None) -> torch.Tensor | None:
-            """members(1) x (lines * seen) x K -> seen x n x K in each row's line."""
-            return (
-                None
-                if values is None
-                else values[0].view(n_lines, n_seen, -1)[line].transpose(0, 1)
-            )
-
-        params = InterventionParams(*(per_row(v) for v in params))
+        every_seen = torch.arange(n_seen, device=features.device)
+        # seen x n x K: each seen perturbation's parameters in each row's line
+        params = InterventionParams(
+            *(None if v is None else v[line].transpose(0, 1) for v in by_line)
+        )
         usable = self.seen_fitted[:, line].T & (self.seen_index(features)[:, None] != every_seen)
         if allowed is not None:
             usable = usable & allowed
@@ -462,25 +502,20 @@ class GIMModule(BaseModuleClass):
         weight = float(self.neighbour_weight)
         if weight == 0.0 or self.seen_features.shape[0] == 0 or not rows.any():
             return out
-        out = {key: value if value is None else value.clone() for key, value in out.items()}
-        # blocks of rows with at most ~4M (rows x seen x programs) values per tensor, so the
-        # memory stays bounded for any number of rows and seen perturbations
-        block = max(1, NEIGHBOUR_BLOCK_VALUES // (self.seen_features.shape[0] * self.n_programs))
-        for idx in torch.nonzero(rows, as_tuple=True)[0].split(block):
-            neighbours, has_neighbour = self.neighbour_intervention(
-                features[idx],
-                None if dose is None else dose[idx],
-                cell_line[idx],
-                mode,
-                generator,
-            )
-            share = weight * has_neighbour.to(neighbours["shift"].dtype)[:, None]
-            if mode == "sample":
-                draw = torch.rand(share.shape, generator=generator, device=share.device)
-                share = (draw < share).to(share.dtype)
-            for key, value in neighbours.items():
-                if value is not None:
-                    out[key][idx] = share * value + (1 - share) * out[key][idx]
+        idx = torch.nonzero(rows, as_tuple=True)[0]
+        neighbours, has_neighbour = self.neighbour_intervention(
+            features[idx], None if dose is None else dose[idx], cell_line[idx], mode, generator
+        )
+        share = weight * has_neighbour.to(neighbours["shift"].dtype)[:, None]
+        if mode == "sample":
+            draw = torch.rand(share.shape, generator=generator, device=share.device)
+            share = (draw < share).to(share.dtype)
+        out = dict(out)
+        for key, value in neighbours.items():
+            if value is not None:
+                mixed = out[key].clone()
+                mixed[idx] = share * value + (1 - share) * out[key][idx]
+                out[key] = mixed
         return out
 
     def _generated_intervention(
