@@ -485,7 +485,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         cells = unseen_validation_cells(
             self, self.adata, params["split_key"], params["validation_split"]
         )
-        return bool(cells.any())
+        return len(cells) > 0
 
     def select_neighbour_mixture(
         self,

@@ -10,38 +10,50 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from gim_scvi.model._features import feature_rows
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = (0.0, 0.5, 1.0)
 DEFAULT_TEMPERATURES = (0.005, 0.02, 0.1)
 
 
-def unseen_validation_cells(model, adata: AnnData, split_key: str, validation_split: str):
-    """Perturbed cells of ``validation_split`` whose perturbation was not trained on."""
-    features = model._features(adata)
-    split = adata.obs[split_key].astype(str).to_numpy()
-    perturbed = (split == validation_split) & ~model._control_mask(adata, features)
-    if not perturbed.any():
-        return perturbed
-    rows = np.unique(features.inverse[perturbed])
-    with torch.no_grad():
-        seen = model.module.seen_rows(torch.as_tensor(features.unique[rows], dtype=torch.float32))
-    unseen_rows = rows[~seen.cpu().numpy()]
-    return perturbed & np.isin(features.inverse, unseen_rows)
-
-
-def scoring_cells(
+def unseen_validation_cells(
     model,
     adata: AnnData,
     split_key: str,
     validation_split: str,
+    control: np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices of the perturbed ``validation_split`` cells whose perturbation was not trained on.
+
+    Only the validation cells' features are read (distinct rows of a few thousand cells, not
+    of the whole screen). ``control`` is :meth:`GIM._control_mask` of ``adata`` if known.
+    """
+    split = adata.obs[split_key].astype(str).to_numpy()
+    control = model._control_mask(adata) if control is None else control
+    cells = np.flatnonzero((split == validation_split) & ~control)
+    if len(cells) == 0:
+        return cells
+    features = adata.obsm[model._setup_arg("features_key")]
+    features = features.iloc[cells] if isinstance(features, pd.DataFrame) else features[cells]
+    rows = feature_rows(features)
+    with torch.no_grad():
+        seen = model.module.seen_rows(torch.as_tensor(rows.unique, dtype=torch.float32))
+    return cells[~seen.cpu().numpy()[rows.inverse]]
+
+
+def scoring_cells(
+    adata: AnnData,
+    split_key: str,
+    validation_split: str,
     train_split: str,
+    control: np.ndarray,
     seed: int,
     n_train: int = 2000,
 ) -> np.ndarray:
     """Indices of the control and validation cells and of up to ``n_train`` training cells."""
     split = adata.obs[split_key].astype(str).to_numpy()
-    control = model._control_mask(adata, model._features(adata))
     train = np.flatnonzero((split == train_split) & ~control)
     rng = np.random.default_rng(seed)
     sample = rng.choice(train, size=min(n_train, len(train)), replace=False)
@@ -89,7 +101,8 @@ def select_neighbour_mixture(
     adata = model._validate_anndata(model.align_genes(adata))
     if split_key not in adata.obs:
         raise KeyError(f"`split_key={split_key!r}` is not a column of adata.obs.")
-    if not unseen_validation_cells(model, adata, split_key, validation_split).any():
+    control = model._control_mask(adata)
+    if not len(unseen_validation_cells(model, adata, split_key, validation_split, control)):
         raise ValueError(
             f"No perturbed cell with adata.obs[{split_key!r}] == {validation_split!r} belongs "
             "to a perturbation unseen in training: hold out whole perturbations for validation "
@@ -99,8 +112,8 @@ def select_neighbour_mixture(
     train_split = params.get("train_split", "train")
     # the scores need the controls and the validation cells; a sample of training cells
     # serves the principal components of the energy distance (not used for the choice)
-    adata = adata[scoring_cells(model, adata, split_key, validation_split, train_split, seed)]
-    adata = adata.copy()
+    cells = scoring_cells(adata, split_key, validation_split, train_split, control, seed)
+    adata = adata[cells].copy()
     before = (float(module.neighbour_weight), float(module.neighbour_temperature))
     candidates = [(0.0, temperatures[0])] + [
         (w, t) for w in weights if w > 0 for t in temperatures
