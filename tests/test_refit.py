@@ -19,6 +19,7 @@ from gim_scvi.model._refit import (
     refit_seen_perturbations,
 )
 from gim_scvi.module import GIMModule, LatentSCM
+from gim_scvi.module._module import SEEN_BUFFERS
 from tests.conftest import make_small, setup
 
 
@@ -209,7 +210,7 @@ def test_stronger_penalty_shrinks_the_shift():
     assert size[2] < 0.5 * size[0]
 
 
-def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
+def test_seen_perturbations_get_their_own_fitted_intervention(tmp_path):
     scvi.settings.seed = 0
     adata = setup(make_small())
     model = gim_scvi.GIM(adata, n_programs=3, n_generators=2)
@@ -244,9 +245,10 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
         ensemble = module._generated_intervention(module.generator, *args)
     assert module.seen_index(features)[1:].tolist() == [-1, -1]
     assert module.seen_rows(features).tolist() == [True, False, False]
-    for key in ("target_probs", "target_kl"):  # targets: the joint generator's
-        assert torch.allclose(out[key][0], joint[key][0])
-    # sizes and dose response: the drug's own fit
+    # targets, sizes and dose response: the drug's own fit
+    logits = module.seen_target_logits[module.seen_index(features[:1]), 0]
+    assert module.seen_targets_fitted.all()
+    torch.testing.assert_close(out["target_probs"][:1], torch.sigmoid(logits))
     assert torch.allclose(out["shift"][0], own["shift"][0])
     assert not torch.allclose(out["shift"][0], joint["shift"][0])
     for key in ("shift", "target_probs", "target_kl"):
@@ -262,7 +264,7 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
     assert torch.allclose(unfitted, joint_1["shift"]) and not torch.allclose(fitted, unfitted)
     model.save(tmp_path / "m")
     loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
-    for name in ("seen_features", "seen_params", "seen_fitted"):
+    for name in SEEN_BUFFERS:
         assert torch.equal(getattr(loaded.module, name).cpu(), getattr(module, name))
 
     def fresh_with(state):
@@ -273,7 +275,7 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
         return fresh.eval()
 
     # a state saved before the training perturbations were kept loads with none seen
-    new_keys = ("seen_features", "seen_params", "seen_fitted")
+    new_keys = SEEN_BUFFERS
     fresh = fresh_with({k: v for k, v in module.state_dict().items() if k not in new_keys})
     assert fresh.seen_features.shape == (0, 8) and fresh.seen_fitted.shape == (0, 2)
     # one saved before the per-perturbation fits: seen, none fitted (the generator acts)
@@ -282,6 +284,14 @@ def test_seen_perturbations_keep_the_joint_generators_targets(tmp_path):
     with torch.no_grad():
         again = fresh.intervention(features, dose, line, mode="mean")
     assert torch.allclose(again["shift"][0], joint["shift"][0])
+    # one saved before the targets were fitted too: its own sizes, the generator's targets
+    fresh = fresh_with({k: v for k, v in module.state_dict().items() if k not in new_keys[3:]})
+    assert fresh.seen_fitted.all() and not fresh.seen_targets_fitted.any()
+    with torch.no_grad():
+        again = fresh.intervention(features, dose, line, mode="mean")
+    assert torch.allclose(again["target_probs"][0], joint["target_probs"][0])
+    sizes = again["shift"][0] / again["target_probs"][0]  # t * m * r: m * r is the fit's
+    torch.testing.assert_close(sizes, own["shift"][0] / own["target_probs"][0])
 
 
 def test_seen_perturbations_get_their_own_shifts_and_dose_response():
@@ -309,11 +319,43 @@ def test_seen_perturbations_get_their_own_shifts_and_dose_response():
     with torch.no_grad():
         after = module.intervention(*args, mode="mean")
     np.testing.assert_allclose(after["shift"].numpy(), truth, atol=0.3)
-    torch.testing.assert_close(after["target_probs"], before["target_probs"])
+    # the generator's targets are the prior: the cells agree with them, so they stay
+    assert (after["target_probs"][:, [0, 2]] > 0.9).all()
+    assert (after["target_probs"][:, 1] < 0.1).all()
     # a context of a perturbation never seen is an error, not silently skipped
     unseen = ContextResiduals(**{**contexts.__dict__, "features": contexts.features + 5.0})
     with pytest.raises(ValueError, match="seen_features"):
         refit_seen_perturbations(module, unseen, n_steps=1)
+
+
+@pytest.mark.parametrize("effect", [2.0, 0.05])
+def test_seen_targets_move_from_the_generators_only_on_clear_evidence(effect):
+    torch.manual_seed(0)
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=0)
+    contexts, _ = _known_contexts(module)
+    # both drugs move program 1 only (by `effect`); the generator says programs 0 and 2
+    truth = np.zeros((4, 3))
+    truth[:, 1] = effect
+    contexts = ContextResiduals(**{**contexts.__dict__, "mean": truth})
+    contexts = ContextResiduals(**{**contexts.__dict__, "second_moment": truth**2 + 0.01})
+    module.set_seen_features(torch.as_tensor(np.unique(contexts.features, axis=0)))
+    heads = module.joint_generator.members[0].heads
+    with torch.no_grad():
+        heads.weight.zero_()
+        heads.bias.view(4, 3)[0] = torch.tensor([4.0, -4.0, 4.0])
+    refit_seen_perturbations(module, contexts, n_steps=600, lr=0.05)
+    module.eval()
+    with torch.no_grad():
+        probs = module.intervention(
+            torch.tensor(contexts.features),
+            torch.tensor(contexts.dose),
+            torch.zeros(4, 1, dtype=torch.long),
+            mode="mean",
+        )["target_probs"]
+    if effect > 1:  # 50 cells per dose say clearly: program 1 is targeted
+        assert (probs[:, 1] > 0.9).all()
+    else:  # a change within the noise does not overturn the generator's targets
+        assert (probs[:, 1] < 0.1).all() and (probs[:, [0, 2]] > 0.9).all()
 
 
 def _chain_contexts(rng, n_contexts: int = 120) -> tuple[ContextResiduals, np.ndarray]:

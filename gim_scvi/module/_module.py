@@ -25,6 +25,14 @@ from gim_scvi.module._scm import GraphType, LatentSCM
 
 PredictMode = Literal["map", "mean", "sample"]
 NEIGHBOUR_BLOCK_VALUES = 1 << 22  # rows x seen x programs per block of neighbour mixing
+# the training perturbations' feature rows and their own fits (sized by the number of rows)
+SEEN_BUFFERS = (
+    "seen_features",
+    "seen_params",
+    "seen_fitted",
+    "seen_target_logits",
+    "seen_targets_fitted",
+)
 
 
 class GIMModule(BaseModuleClass):
@@ -210,6 +218,13 @@ class GIMModule(BaseModuleClass):
         # training by `gim_scvi.model._refit.refit_seen_perturbations`) and where they are set
         self.register_buffer("seen_params", torch.zeros(0, self.n_cell_lines, 3, n_programs))
         self.register_buffer("seen_fitted", torch.zeros(0, self.n_cell_lines, dtype=torch.bool))
+        # and its target logits, fitted in the same step with the generator's target
+        # probabilities as their prior, and where they are set (in models saved before they
+        # were fitted, nowhere: the targets stay the generator's)
+        self.register_buffer("seen_target_logits", torch.zeros(0, self.n_cell_lines, n_programs))
+        self.register_buffer(
+            "seen_targets_fitted", torch.zeros(0, self.n_cell_lines, dtype=torch.bool)
+        )
         # share of an unseen perturbation's intervention distribution that is the mixture of
         # the seen ones' own interventions (weighted by softmax(similarity / temperature));
         # both chosen after training on validation perturbations (0: the ensemble alone)
@@ -221,7 +236,7 @@ class GIMModule(BaseModuleClass):
         for name in ("neighbour_weight", "neighbour_temperature"):  # older models: none
             state_dict.setdefault(prefix + name, getattr(self, name).clone())
         n_seen = state_dict.get(prefix + "seen_features", self.seen_features[:0]).shape[0]
-        for name in ("seen_features", "seen_params", "seen_fitted"):
+        for name in SEEN_BUFFERS:
             key = prefix + name
             buffer = getattr(self, name)
             if key not in state_dict:  # saved before it existed: nothing fitted
@@ -235,8 +250,9 @@ class GIMModule(BaseModuleClass):
         """Keep the training perturbations' feature rows; forgets any earlier per-row fit."""
         self.seen_features = features.float().to(self.seen_features.device)
         n_seen = features.shape[0]
-        self.seen_params = self.seen_params.new_zeros(n_seen, *self.seen_params.shape[1:])
-        self.seen_fitted = self.seen_fitted.new_zeros(n_seen, self.n_cell_lines)
+        for name in SEEN_BUFFERS[1:]:
+            buffer = getattr(self, name)
+            setattr(self, name, buffer.new_zeros(n_seen, *buffer.shape[1:]))
 
     def seen_index(self, features: torch.Tensor) -> torch.Tensor:
         """Row of ``seen_features`` equal to each row of raw ``features`` (-1 if none)."""
@@ -258,9 +274,11 @@ class GIMModule(BaseModuleClass):
     def with_seen_fits(
         self, params: InterventionParams, seen_index: torch.Tensor, cell_line: torch.Tensor
     ) -> InterventionParams:
-        """``params`` with shift, log EC50 and slope of fitted seen rows replaced by their fit.
+        """``params`` with the intervention of fitted seen rows replaced by their own fit.
 
-        The target logits (which programs a perturbation targets) stay the generator's.
+        Shift, log EC50 and slope are the fit's; so are the target logits (which programs a
+        perturbation targets) where they were fitted too, otherwise (models saved before they
+        were) they stay the generator's.
         """
         if self.seen_fitted.shape[0] == 0:
             return params
@@ -275,7 +293,10 @@ class GIMModule(BaseModuleClass):
         def pick(column: int, value: torch.Tensor) -> torch.Tensor:
             return torch.where(use, fitted[:, column], value)
 
+        own_targets = use & self.seen_targets_fitted[index, line][:, None]
+        logits = self.seen_target_logits[index, line]
         return params._replace(
+            target_logits=torch.where(own_targets, logits, params.target_logits),
             shift=pick(0, params.shift),
             log_ec50=pick(1, params.log_ec50),
             slope=pick(2, params.slope),
@@ -345,12 +366,12 @@ class GIMModule(BaseModuleClass):
         row whose features are exactly those of a training perturbation keeps the jointly
         trained generator, which fits each training perturbation (and so its response at a
         dose never measured) more closely than the ensemble of linear maps. Where that
-        perturbation's shift sizes and dose response have been fitted on its own cells in a
-        cell line (``seen_fitted``, set after training), they replace the generator's there;
-        its targets stay the generator's. With ``neighbour_weight > 0`` (chosen after
-        training on validation perturbations), an unseen row's intervention is that share
-        of :meth:`neighbour_intervention` and the rest the ensemble's (``use_seen=False``
-        gives the ensemble's alone, for every row).
+        perturbation's intervention has been fitted on its own cells in a cell line
+        (``seen_fitted``, set after training), it replaces the generator's there: shift
+        sizes, dose response and targets (fitted with the generator's as their prior). With
+        ``neighbour_weight > 0`` (chosen after training on validation perturbations), an
+        unseen row's intervention is that share of :meth:`neighbour_intervention` and the
+        rest the ensemble's (``use_seen=False`` gives the ensemble's alone, for every row).
         """
         net = self.active_generator
         if mode == "relaxed" or not use_seen:
@@ -386,9 +407,9 @@ class GIMModule(BaseModuleClass):
     ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
         """The mixture of the training perturbations' own interventions, by similarity.
 
-        Each seen perturbation contributes its intervention in the row's cell line (the
-        jointly trained generator's targets, its own fitted shift sizes and dose response,
-        see :meth:`with_seen_fits`) with weight ``softmax(similarity / neighbour_temperature)``
+        Each seen perturbation contributes its own fitted intervention in the row's cell
+        line (targets, shift sizes and dose response, see :meth:`with_seen_fits`) with
+        weight ``softmax(similarity / neighbour_temperature)``
         (:func:`~gim_scvi.module._neighbours.feature_similarity`). Only perturbations fitted
         in that cell line count, and never one with exactly the row's features (a seen
         perturbation is its own nearest neighbour).
@@ -430,8 +451,8 @@ class GIMModule(BaseModuleClass):
     def _seen_params_by_line(self) -> InterventionParams:
         """Every seen perturbation's intervention parameters in every line (lines x seen x K).
 
-        The jointly trained generator's targets with the perturbation's own fitted shift sizes
-        and dose response where it has them (:meth:`with_seen_fits`).
+        The jointly trained generator's, replaced by the perturbation's own fit where it has
+        one (:meth:`with_seen_fits`).
         """
         n_seen, n_lines = self.seen_features.shape[0], self.n_cell_lines
         device = self.seen_features.device
