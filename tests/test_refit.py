@@ -1,5 +1,6 @@
 """The generator ensemble and its second training stage (refit on encoded conditions)."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -285,7 +286,8 @@ def test_seen_perturbations_get_their_own_fitted_intervention(tmp_path):
         again = fresh.intervention(features, dose, line, mode="mean")
     assert torch.allclose(again["shift"][0], joint["shift"][0])
     # one saved before the targets were fitted too: its own sizes, the generator's targets
-    fresh = fresh_with({k: v for k, v in module.state_dict().items() if k not in new_keys[3:]})
+    target_keys = ("seen_target_logits", "seen_targets_fitted")
+    fresh = fresh_with({k: v for k, v in module.state_dict().items() if k not in target_keys})
     assert fresh.seen_fitted.all() and not fresh.seen_targets_fitted.any()
     with torch.no_grad():
         again = fresh.intervention(features, dose, line, mode="mean")
@@ -336,8 +338,7 @@ def test_seen_targets_move_from_the_generators_only_on_clear_evidence(effect):
     # both drugs move program 1 only (by `effect`); the generator says programs 0 and 2
     truth = np.zeros((4, 3))
     truth[:, 1] = effect
-    contexts = ContextResiduals(**{**contexts.__dict__, "mean": truth})
-    contexts = ContextResiduals(**{**contexts.__dict__, "second_moment": truth**2 + 0.01})
+    contexts = dataclasses.replace(contexts, mean=truth, second_moment=truth**2 + 0.01)
     module.set_seen_features(torch.as_tensor(np.unique(contexts.features, axis=0)))
     heads = module.joint_generator.members[0].heads
     with torch.no_grad():
