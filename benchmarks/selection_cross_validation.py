@@ -79,11 +79,12 @@ def matching(rows: np.ndarray, of: np.ndarray) -> np.ndarray:
     return (distance.min(1).values < 1e-6).numpy()
 
 
-def fold_cells(model, adata, in_fold: np.ndarray, train: np.ndarray, top_dose: float):
-    """The controls, the fold's cells at the highest dose and 2,000 other training cells."""
-    control = model._control_mask(adata)
-    dose = model._doses(adata)
-    scored = in_fold if dose is None else in_fold & (dose == top_dose)
+def fold_cells(adata, in_fold: np.ndarray, train: np.ndarray, control: np.ndarray, scored_dose):
+    """The controls, the fold's cells at the scored dose and 2,000 other training cells.
+
+    ``scored_dose`` is a boolean mask of the cells at the highest dose (``None``: no dose).
+    """
+    scored = in_fold if scored_dose is None else in_fold & scored_dose
     others = np.flatnonzero(train & ~in_fold & ~control)
     sample = np.random.default_rng(0).choice(others, min(2000, len(others)), replace=False)
     cells = np.union1d(np.flatnonzero(control | scored), sample)
@@ -158,7 +159,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     fold_of = dict(zip(rng.permutation(drugs), np.arange(len(drugs)) % args.n_folds, strict=True))
     dose = model._doses(adata)
-    top_dose = None if dose is None else dose[train & ~control].max()
+    at_top_dose = None if dose is None else dose == dose[train & ~control].max()
     rows, start = [], time.perf_counter()
     for fold in range(args.n_folds):
         module.load_state_dict(state)
@@ -178,7 +179,7 @@ def main() -> None:
         unseen = torch.as_tensor(matching(module.seen_features.numpy(), fold_rows))
         for name in SEEN_BUFFERS:
             setattr(module, name, getattr(module, name)[~unseen])
-        sub = fold_cells(model, adata, in_fold, train, top_dose)
+        sub = fold_cells(adata, in_fold, train, control, at_top_dose)
         rows += score_candidates(model, sub, "cv_split", "fold", "cv")
         print(f"fold {fold}: {len(fold_rows)} drugs, {time.perf_counter() - start:.0f} s")
     module.load_state_dict(state)
