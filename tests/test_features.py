@@ -1,6 +1,8 @@
 """Per-cell features as distinct rows: equal to numpy.unique, sparse-safe, chunk-invariant."""
 
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
@@ -51,3 +53,26 @@ def test_sparse_features_train_like_dense():
     for name in ("feature_mean", "feature_std", "cells_per_context", "log_library_mean"):
         assert np.allclose(dense[name].numpy(), sparse[name].numpy()), name
     assert np.allclose(dense["scm.weight_raw"].numpy(), sparse["scm.weight_raw"].numpy())
+
+
+def _smiles_adata(smiles: list[str], control: list) -> anndata.AnnData:
+    obs = pd.DataFrame({"smiles": smiles, "control": control})
+    obs.index = [f"cell_{i}" for i in range(len(obs))]
+    return anndata.AnnData(sp.csr_matrix((len(obs), 3), dtype=np.float32), obs=obs)
+
+
+def test_featurize_refuses_perturbed_cells_without_smiles():
+    adata = _smiles_adata(["CCO", "", "CS(C)=O", "CCN"], [False, False, True, False])
+    with pytest.raises(ValueError, match=r"1 cell\(s\) are not controls .*cell_1"):
+        gim_scvi.pp.featurize_smiles(adata, control_key="control")
+    assert "drug_features" not in adata.obsm
+    # without control flags an empty SMILES marks a control, as documented
+    gim_scvi.pp.featurize_smiles(adata)
+    assert not adata.obsm["drug_features"][1].any()
+
+
+def test_featurize_reads_string_control_flags():
+    adata = _smiles_adata(["CCO", "CS(C)=O", "CCN"], ["False", "True", "False"])
+    gim_scvi.pp.featurize_smiles(adata, control_key="control", n_bits=64)
+    nonzero = adata.obsm["drug_features"].any(axis=1)
+    np.testing.assert_array_equal(nonzero, [True, False, True])

@@ -70,6 +70,64 @@ def test_negative_counts_with_count_likelihood():
         gim_scvi.GIM(adata, n_programs=3)
 
 
+def test_counts_checked_beyond_the_first_cells():
+    adata = make_small()
+    x = adata.X.toarray()
+    x[-5:] = np.log1p(x[-5:])  # the last cells log-normalised: concatenated data
+    adata.X = sp.csr_matrix(x)
+    setup(adata)
+    with pytest.raises(ValueError, match="raw counts"):
+        gim_scvi.GIM(adata, n_programs=3)
+
+
+def test_perturbed_cells_without_features_are_refused():
+    adata = make_small()
+    drug = adata.obs["condition"].cat.categories[1]
+    adata.obsm["drug_features"][(adata.obs["condition"] == drug).to_numpy()] = 0.0
+    with pytest.raises(ValueError, match=rf"not controls .*all-zero features.*{drug}"):
+        setup(adata)
+
+
+def test_controls_with_features_warn():
+    adata = make_small()
+    control = adata.obs["control"].to_numpy()
+    adata.obsm["drug_features"][control] = 1.0
+    with pytest.warns(UserWarning, match="control cell.*non-zero features"):
+        setup(adata)
+
+
+@pytest.mark.parametrize("problem", ["nan", "unused"])
+def test_cell_line_labels_missing_or_without_cells(problem):
+    adata = make_small()
+    lines = adata.obs["cell_line"]
+    if problem == "nan":
+        values = lines.astype(object).to_numpy()
+        values[3] = np.nan
+        adata.obs["cell_line"] = pd.Categorical(values)
+        match = "missing value"
+    else:
+        adata.obs["cell_line"] = lines.cat.add_categories(["line_unused"])
+        match = r"without any cell: \['line_unused'\].*remove_unused_categories"
+    with pytest.raises(ValueError, match=match):
+        setup(adata)
+
+
+@pytest.mark.parametrize("flags", [["True", "False"], [1.0, np.nan]])
+def test_control_flags_as_strings_or_missing(flags):
+    adata = make_small()
+    control = adata.obs["control"].to_numpy()
+    adata.obs["control"] = np.where(control, flags[0], flags[1])
+    if isinstance(flags[0], str):  # setup registers numbers only: a clear fix
+        with pytest.raises(TypeError, match="== 'control'"):
+            setup(adata)
+        gim_scvi.data.dose_holdout_split(adata, dose=1000.0, control_key="control")
+        held = (adata.obs["split_dose"] == "test").to_numpy()
+        assert held.any() and not control[held].any()
+    else:
+        with pytest.raises(ValueError, match="missing value"):
+            setup(adata)
+
+
 def test_nan_dose_for_perturbed_cell():
     adata = make_small()
     adata.obs.loc[adata.obs_names[~adata.obs["control"]][3], "dose"] = np.nan
@@ -118,6 +176,31 @@ def test_unknown_batch_at_predict():
     other.obs["batch"] = pd.Categorical(["b9"] * other.n_obs)
     with pytest.raises(ValueError, match="b9"):
         model.predict(features=np.ones((1, FEATURES)), doses=10.0, adata=other)
+
+
+def test_predict_n_cells_must_be_positive(trained):
+    model, _ = trained
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="n_cells must be a positive"):
+            model.predict(features=np.ones((1, FEATURES)), doses=10.0, n_cells=bad)
+
+
+def test_expected_layer_is_not_x(trained):
+    model, _ = trained
+    pred = model.predict(
+        features=np.ones((1, FEATURES)), doses=10.0, n_cells=5, sample_counts=False
+    )
+    before = pred.layers["expected"].copy()
+    pred.X *= 2.0
+    np.testing.assert_array_equal(pred.layers["expected"], before)
+
+
+def test_evaluate_names_the_split_values(trained):
+    model, adata = trained
+    with pytest.raises(ValueError, match=r"== 'ood' \(values of perturbed cells: \["):
+        gim_scvi.tl.evaluate(model, adata, split_key="split", heldout="ood")
+    with pytest.raises(ValueError, match="pass the training cells' value as `train_split`"):
+        gim_scvi.tl.evaluate(model, adata, split_key="split", heldout="test", train_split="tr")
 
 
 def test_prediction_adata_genes_reordered_or_refused(trained):

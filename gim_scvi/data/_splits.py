@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from gim_scvi._utils import control_flags
+
 
 def dose_holdout_split(
     adata: AnnData,
@@ -44,7 +46,7 @@ def dose_holdout_split(
     if control_key is not None:
         if control_key not in adata.obs:
             raise KeyError(f"`control_key={control_key!r}` is not a column of adata.obs.")
-        control = adata.obs[control_key].to_numpy().astype(bool)
+        control = control_flags(adata.obs, control_key)
     seen = np.unique(doses[~control & np.isfinite(doses)])
     for value, what in ((dose, "dose"), (validation_dose, "validation_dose")):
         if value is not None and not np.isclose(seen, value).any():

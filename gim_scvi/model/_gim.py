@@ -184,9 +184,15 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             (batch_key, "batch_key"),
         ]:
             check.check_obs_key(adata, key, name)
+        check.check_categories(adata, cell_line_key, "cell_line_key")
+        check.check_categories(adata, batch_key, "batch_key")
         control = zero_rows(features)
         if control_key is not None:
-            control |= check.control_flags(adata, control_key)
+            flags = check.control_flags(adata, control_key)
+            check.check_control_agreement(
+                adata, flags, control, control_key, features_key, perturbation_key
+            )
+            control |= flags
         if dose_key is not None:
             check.check_doses(adata, dose_key, ~control)
         fields = [
@@ -973,6 +979,13 @@ batch_size
         self._check_if_trained(warn=True)
         if mode not in ("map", "mean", "sample"):
             raise ValueError(f"mode must be 'map', 'mean' or 'sample', got {mode!r}.")
+        if n_cells is not None and (
+            isinstance(n_cells, bool) or int(n_cells) != n_cells or n_cells < 1
+        ):
+            raise ValueError(
+                f"n_cells must be a positive whole number of cells per condition and line, or "
+                f"None (every control cell of the line), got {n_cells!r}."
+            )
         features3d = self._validate_predict_features(features)
         n_cond, n_comp = features3d.shape[:2]
         dose2d = self._validate_predict_doses(doses, n_cond, n_comp)
@@ -1195,8 +1208,8 @@ batch_size
             pred.obs[col] = pd.Categorical(pred.obs[col])
         if plan["sample_counts"]:
             pred.layers["expected"] = np.concatenate([b["expected"] for b in blocks])
-        else:  # X already holds the expected values
-            pred.layers["expected"] = x
+        else:  # X holds the expected values too; a copy, so that normalising X leaves it
+            pred.layers["expected"] = x.copy()
         pred.obsm["X_gim"] = np.concatenate([b["latent"] for b in blocks])
         dose2d = plan["doses"]
         targets = self.get_intervention_targets(
@@ -1474,17 +1487,36 @@ def _codes(values: pd.Series, mapping: list[str], what: str, key: str) -> np.nda
     return np.array([lookup[s] for s in strings], dtype=np.int64)
 
 
+def _spread_row_blocks(n_obs: int, n_blocks: int = 8, block_rows: int = 250) -> list[slice]:
+    """Contiguous row blocks spread evenly over a matrix (readable from backed files too)."""
+    if n_obs <= n_blocks * block_rows:
+        return [slice(0, n_obs)]
+    starts = np.linspace(0, n_obs - block_rows, n_blocks).astype(int)
+    return [slice(int(s), int(s) + block_rows) for s in starts]
+
+
 def _check_counts(adata: AnnData, layer: str | None) -> None:
+    """Fail on a count likelihood for values that are not counts, sampled over all cells.
+
+    Rows are read in blocks spread over the whole matrix (not only its first rows), so data
+    concatenated from counts and log-normalised parts is caught without reading everything.
+    """
     x = adata.layers[layer] if layer is not None else adata.X
-    sample = x[: min(adata.n_obs, 2000)]
-    data = sample.data if sp.issparse(sample) else np.asarray(sample)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    if data.size and (np.any(data < 0) or np.any(np.abs(data - np.round(data)) > 1e-6)):
-        raise ValueError(
-            f"{where} does not look like raw counts (negative or non-integer values), but the "
-            "gene likelihood is a count model. Pass `layer=` with raw counts to setup_anndata, "
-            "or use `gene_likelihood='normal'` for log-normalised data."
-        )
+    for rows in _spread_row_blocks(adata.n_obs):
+        block = x[rows]
+        data = block.data if sp.issparse(block) else np.asarray(block)
+        if data.size and (np.any(data < 0) or np.any(np.abs(data - np.round(data)) > 1e-6)):
+            _raise_not_counts(where, rows)
+
+
+def _raise_not_counts(where: str, rows: slice) -> None:
+    raise ValueError(
+        f"{where} does not look like raw counts (negative or non-integer values in cells "
+        f"{rows.start}-{rows.stop - 1}), but the gene likelihood is a count model. Pass "
+        "`layer=` with raw counts to setup_anndata, or use `gene_likelihood='normal'` for "
+        "log-normalised data."
+    )
 
 
 def _check_refit_kwargs(generator: dict | None, graph: dict | None) -> None:

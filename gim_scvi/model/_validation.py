@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+from gim_scvi._utils import control_flags as _control_flags
 
 
 def check_obsm_features(adata: AnnData, features_key: str) -> np.ndarray:
@@ -53,6 +57,71 @@ def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:
         )
 
 
+def check_categories(adata: AnnData, key: str | None, argument: str) -> None:
+    """Raise a clear error for missing labels or labels without cells in a covariate column.
+
+    A category without cells would become a cell line (or batch) the model knows but never
+    saw; a missing label cannot be assigned to any.
+    """
+    if key is None:
+        return
+    col = adata.obs[key]
+    missing = col.isna().to_numpy()
+    if missing.any():
+        example = str(adata.obs_names[missing][0])
+        raise ValueError(
+            f"adata.obs[{key!r}] (`{argument}`) has {int(missing.sum())} missing value(s) (e.g. "
+            f"cell {example!r}); drop those cells or give them a label first."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        unused = sorted(set(map(str, col.cat.categories)) - set(map(str, col.unique())))
+        if unused:
+            raise ValueError(
+                f"adata.obs[{key!r}] (`{argument}`) has categories without any cell: "
+                f"{unused[:5]}. Remove them first: "
+                f"`adata.obs[{key!r}] = adata.obs[{key!r}].cat.remove_unused_categories()`."
+            )
+
+
+def check_control_agreement(
+    adata: AnnData,
+    flags: np.ndarray,
+    zero_features: np.ndarray,
+    control_key: str,
+    features_key: str,
+    perturbation_key: str | None,
+) -> None:
+    """Fail on perturbed cells without features; warn on controls with features.
+
+    Controls are the cells flagged by ``control_key`` or with an all-zero feature row. A cell
+    flagged as perturbed whose features are all zero (a compound whose SMILES was missing,
+    say) would silently become a control, so it is an error.
+    """
+    featureless = ~flags & zero_features
+    if featureless.any():
+        if perturbation_key is not None:
+            names = sorted(set(map(str, adata.obs[perturbation_key][featureless])))
+            where = f" (perturbations: {names[:5]})"
+        else:
+            where = f" (e.g. cell {str(adata.obs_names[featureless][0])!r})"
+        raise ValueError(
+            f"{int(featureless.sum())} cell(s) are not controls by adata.obs[{control_key!r}] "
+            f"but have all-zero features in adata.obsm[{features_key!r}]{where}, so they "
+            "cannot be told apart from controls. Give them features (e.g. their SMILES before "
+            "`gim_scvi.pp.featurize_smiles`), or flag or drop them."
+        )
+    featured = flags & ~zero_features
+    if featured.any():
+        warnings.warn(
+            f"{int(featured.sum())} control cell(s) by adata.obs[{control_key!r}] have non-zero "
+            f"features in adata.obsm[{features_key!r}]; they are used as controls and their "
+            "features are ignored (`featurize_smiles(..., control_key=...)` writes zeros for "
+            "controls).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def check_layer(adata: AnnData, layer: str | None) -> None:
     """Raise a clear error if a layer is missing."""
     if layer is not None and layer not in adata.layers:
@@ -64,23 +133,8 @@ def check_layer(adata: AnnData, layer: str | None) -> None:
 
 
 def control_flags(adata: AnnData, control_key: str) -> np.ndarray:
-    """Boolean control flags from an obs column of bools, 0/1 numbers or two strings."""
-    col = adata.obs[control_key]
-    if pd.api.types.is_bool_dtype(col):
-        return col.to_numpy(dtype=bool)
-    if pd.api.types.is_numeric_dtype(col):
-        values = col.to_numpy(dtype=np.float64)
-        if not np.isin(values, (0.0, 1.0)).all():
-            raise ValueError(
-                f"adata.obs[{control_key!r}] must hold 0/1 or True/False; found values "
-                f"{sorted(set(np.unique(values)) - {0.0, 1.0})[:5]}."
-            )
-        return values > 0
-    raise TypeError(
-        f"adata.obs[{control_key!r}] has dtype {col.dtype}; it must be boolean or 0/1. "
-        f"For a label column use e.g. `adata.obs['control'] = adata.obs[{control_key!r}] == "
-        "'control'`."
-    )
+    """Boolean or 0/1 control flags of ``adata.obs[control_key]``, as setup can register them."""
+    return _control_flags(adata.obs, control_key, strings=False)
 
 
 def check_doses(adata: AnnData, dose_key: str, treated: np.ndarray) -> None:

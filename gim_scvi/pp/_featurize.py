@@ -10,6 +10,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from gim_scvi._utils import control_flags
+
 Method = Literal["morgan", "descriptors", "both"]
 _MISSING = {"", "nan", "none", "na", "control"}
 
@@ -122,6 +124,22 @@ def _standardise(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.nd
     return np.clip(z, -10.0, 10.0)
 
 
+def _check_perturbed_have_smiles(
+    adata: AnnData, smiles_key: str, control_key: str, missing: np.ndarray
+) -> None:
+    """Fail if cells that are not controls by ``control_key`` have no SMILES."""
+    if not missing.any():
+        return
+    examples = sorted(set(map(str, adata.obs_names[missing][:1000])))[:3]
+    raise ValueError(
+        f"{int(missing.sum())} cell(s) are not controls by adata.obs[{control_key!r}] but have "
+        f"no SMILES in adata.obs[{smiles_key!r}] (e.g. cells {examples}); their features would "
+        "be zeros, the mark of a control. Fill in their SMILES (e.g. for compounds that "
+        "`read_sciplex3` could not match, listed in adata.uns['sciplex3']['unmatched']) or "
+        "drop those cells."
+    )
+
+
 def featurize_smiles(
     adata: AnnData,
     smiles_key: str = "smiles",
@@ -151,7 +169,9 @@ def featurize_smiles(
     radius, n_bits
         Morgan fingerprint radius and length.
     control_key
-        Optional boolean / 0-1 column of ``adata.obs`` flagging controls.
+        Optional column of ``adata.obs`` flagging controls (boolean, 0/1 or
+        ``"True"``/``"False"``). With it, a cell that is not a control but has no SMILES is
+        an error (it would get the all-zero row of a control).
     key_added
         Key of ``.obsm`` and ``.uns`` to write.
     sparse
@@ -169,7 +189,9 @@ def featurize_smiles(
     if control_key is not None:
         if control_key not in adata.obs:
             raise KeyError(f"`control_key={control_key!r}` is not a column of adata.obs.")
-        control |= adata.obs[control_key].to_numpy().astype(bool)
+        flags = control_flags(adata.obs, control_key)
+        _check_perturbed_have_smiles(adata, smiles_key, control_key, ~flags & control)
+        control |= flags
     distinct = sorted(set(smiles[~control]))
     if not distinct:
         raise ValueError(f"No perturbed cell has a SMILES in adata.obs[{smiles_key!r}].")

@@ -192,8 +192,18 @@ def evaluate(
     split = adata.obs[split_key].astype(str).to_numpy()
     held = (split == heldout) & ~is_control
     train = (split == train_split) & ~is_control
+    present = sorted(set(split[~is_control]))
     if not held.any():
-        raise ValueError(f"No perturbed cell has adata.obs[{split_key!r}] == {heldout!r}.")
+        raise ValueError(
+            f"No perturbed cell has adata.obs[{split_key!r}] == {heldout!r} (values of perturbed "
+            f"cells: {present}); pass one of them as `heldout`."
+        )
+    if heldout != train_split and not train.any():
+        raise ValueError(
+            f"No perturbed cell has adata.obs[{split_key!r}] == {train_split!r}, so the "
+            f"baselines have nothing to learn from (values of perturbed cells: {present}); pass "
+            "the training cells' value as `train_split`."
+        )
     names = model._perturbation_names(adata, features)
     doses = model._doses(adata)
     doses = doses if doses is not None else np.ones(adata.n_obs, np.float32)
