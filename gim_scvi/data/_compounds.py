@@ -82,11 +82,36 @@ def _strip_salts(text: str) -> str:
     return stripped or plain  # a name that is only a salt word ("Sodium") stays itself
 
 
-def _candidates(name: str) -> list[str]:
-    """Normalised forms to try: the name without brackets, then each bracketed alias."""
+def _first_word(name: str) -> str:
+    """The vendor name's first word (``name.split(" ")[0]``), chemCPA's short name.
+
+    chemCPA built the shipped table's names this way (``"Trichostatin A (TSA)"`` ->
+    ``"Trichostatin"``, ``"(+)-JQ1"`` -> ``"JQ1"`` once normalised).
+    """
+    return str(name).strip().split(" ")[0]
+
+
+def _candidates(name: str, first_word: bool = False) -> list[str]:
+    """Normalised forms of ``name`` to try, in order of preference.
+
+    Parameters
+    ----------
+    name
+        A compound name.
+    first_word
+        Also try chemCPA's rule, the name's first word, as the last resort.
+
+    Returns
+    -------
+    list of str
+        The name without brackets, then each bracketed alias, then (with ``first_word``) the
+        first word; empty and repeated forms left out.
+    """
     out = [normalize_name(name)]
     out += [_strip_salts(alias.lower()) for alias in _BRACKETS.findall(str(name))]
-    return [c for c in out if c]
+    if first_word:
+        out.append(normalize_name(_first_word(name)))
+    return list(dict.fromkeys(c for c in out if c))
 
 
 def match_compounds(
@@ -96,6 +121,9 @@ def match_compounds(
 
     Case, punctuation, salts (``HCl``, ``mesylate``, ...) and bracketed aliases
     (``"Givinostat (ITF2357)"``) are tolerated; either the main name or an alias may match.
+    As a last resort the name's first word is tried, the rule chemCPA used to name the
+    shipped table (``"Trichostatin A (TSA)"`` -> ``"Trichostatin"``, ``"ZM 447439"`` ->
+    ``"ZM"``), so a match of the full name or an alias always wins.
 
     Parameters
     ----------
@@ -121,7 +149,7 @@ def match_compounds(
             lookup.setdefault(alias, canonical)
     matched, unmatched = {}, []
     for name in dict.fromkeys(map(str, names)):
-        hit = next((lookup[c] for c in _candidates(name) if c in lookup), None)
+        hit = next((lookup[c] for c in _candidates(name, first_word=True) if c in lookup), None)
         if hit is None:
             unmatched.append(name)
         else:
