@@ -270,6 +270,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_compounds_lacking_smiles(adata):
+    """The cells of ``adata`` except treated ones whose compound has no SMILES (said so)."""
+    lacking = ~adata.obs["control"].to_numpy() & (adata.obs["smiles"].astype(str) == "").to_numpy()
+    if not lacking.any():
+        return adata
+    names = sorted(set(adata.obs["condition"].astype(str)[lacking]))
+    print(
+        f"left out {int(lacking.sum())} cells of {len(names)} compound(s) without a SMILES "
+        f"(not in the shipped table nor the file): {names[:10]}"
+    )
+    return adata[~lacking].copy()
+
+
 def _train(args: argparse.Namespace) -> int:
     import scvi
 
@@ -289,6 +302,7 @@ def _train(args: argparse.Namespace) -> int:
     counts = str(info["counts"])
     layer = counts.split("/", 1)[1] if counts.startswith("layers/") else None
     likelihood = "normal" if counts == "None" else "nb"
+    adata = _without_compounds_lacking_smiles(adata)
     t0 = time.perf_counter()
     gim_scvi.pp.featurize_smiles(
         adata, "smiles", method=args.features, n_bits=args.n_bits, control_key="control"
@@ -402,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=pd.errors.PerformanceWarning)
+    # Lightning's own use of deprecated torch APIs: nothing a user of the CLI can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module="lightning")
     np.seterr(all="ignore")
     return args.func(args)
 

@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from gim_scvi.cli import main
+import gim_scvi
+from gim_scvi.cli import _without_compounds_lacking_smiles, main
 
 
 def test_demo_small(tmp_path, capsys):
@@ -56,3 +57,19 @@ def test_evaluate_command(tmp_path, capsys):
     assert "(DEGs: pooled_doses)" in printed
     table = pd.read_csv(tmp_path / "ev" / "heldout_metrics.csv")
     assert len(table) > 0 and table["r2_all"].notna().all()
+
+
+def test_train_leaves_out_compounds_without_smiles(tmp_path, capsys):
+    from test_sciplex import read_usable, write_pertpy
+
+    write_pertpy(tmp_path / "p.h5ad", extra_name="Mystery compound 7")
+    with pytest.warns(UserWarning, match="refuses them"):
+        adata = read_usable(tmp_path / "p.h5ad")
+    mystery = (adata.obs["condition"] == "Mystery compound 7").to_numpy()
+    assert mystery.any()
+    kept = _without_compounds_lacking_smiles(adata)
+    assert kept.n_obs == adata.n_obs - mystery.sum()
+    assert "left out" in capsys.readouterr().out and "Mystery compound 7" in str(
+        kept.uns["sciplex3"]["unmatched"]
+    )
+    gim_scvi.pp.featurize_smiles(kept, n_bits=64, control_key="control")  # no error now
