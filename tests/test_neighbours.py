@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import scvi
 import torch
@@ -203,3 +204,18 @@ def test_train_can_skip_the_choice():
     model.module.ensemble_fitted.fill_(False)  # as with n_generators=0: nothing to mix with
     with pytest.raises(ValueError, match="generator ensemble"):
         model.select_neighbour_mixture()
+
+
+def test_selection_error_counts_each_perturbation_once():
+    from gim_scvi.model._neighbours import _gaps_to_best
+
+    index = pd.MultiIndex.from_product([["d1", "d2", "d3"], ["A", "B", "C"]])
+    best = pd.Series(1.0, index=index)
+    # the other candidate falls short by 0.1 / 0.3 / 0.2 in every line of a drug
+    other = best - np.repeat([0.1, 0.3, 0.2], 3)
+    gaps, errors = _gaps_to_best([best, other], np.array([1.0, 0.8]))
+    np.testing.assert_allclose(gaps, [0.0, 0.2])
+    per_drug = np.array([0.1, 0.3, 0.2])
+    np.testing.assert_allclose(errors, [0.0, per_drug.std(ddof=1) / np.sqrt(3)])
+    # counting the nine conditions as independent would give a smaller error
+    assert errors[1] > np.repeat(per_drug, 3).std(ddof=1) / 3

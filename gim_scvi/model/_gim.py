@@ -519,8 +519,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         the choice is made on validation perturbations that were never trained on: each
         (``weight``, ``temperature``) pair predicts them and is scored by its mean DEG-R² at
         their highest dose (:func:`gim_scvi.tl.evaluate`, DEGs pooled over doses), and the
-        smallest weight within one standard error of the best (paired over the validation
-        conditions) is kept, so that a few validation drugs move the model away from the
+        smallest weight within one standard error of the best (paired, over the validation
+        perturbations: each one's conditions averaged, as its cell lines share its
+        intervention) is kept, so that a few validation drugs move the model away from the
         ensemble only on clear evidence. :meth:`train` does this when its
         ``validation_split`` holds such perturbations. The scores use the control and
         validation cells (and 2,000 training cells for the energy distance's principal
@@ -547,7 +548,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         -------
         One row per candidate with its mean ``r2_deg``, ``pearson_delta_deg`` and
         ``energy_distance`` on the validation conditions at their highest dose, ``gap`` (mean
-        shortfall in ``r2_deg`` to the best candidate) and ``gap_se`` (its standard error);
+        shortfall in ``r2_deg`` to the best candidate) and ``gap_se`` (its standard error
+        over the validation perturbations);
         ``chosen`` marks the one kept. Also stored as ``neighbour_selection_``.
         """
         table = select_neighbour_mixture(

@@ -174,13 +174,22 @@ def select_neighbour_mixture(
 
 
 def _gaps_to_best(per_condition: list[pd.Series], means: np.ndarray) -> tuple:
-    """Each candidate's mean shortfall to the best one and its standard error (paired)."""
+    """Each candidate's mean shortfall to the best one and its standard error (paired).
+
+    The series are indexed by (perturbation, cell line). The standard error takes each
+    perturbation as one observation (its shortfall averaged over its cell lines): the lines
+    of one drug share its intervention, so they are not independent evidence (counted as
+    such, the error came out up to ~1.7 times too small with three lines).
+    """
     best = per_condition[int(np.nanargmax(means))]
     gaps, errors = [], []
     for scores in per_condition:
-        diff = (best - scores.reindex(best.index)).dropna().to_numpy()
+        diff = (best - scores.reindex(best.index)).dropna()
+        per_drug = diff.groupby(level=0).mean().to_numpy()
         gaps.append(float(diff.mean()) if len(diff) else np.nan)
-        errors.append(float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0)
+        errors.append(
+            float(per_drug.std(ddof=1) / np.sqrt(len(per_drug))) if len(per_drug) > 1 else 0.0
+        )
     return np.asarray(gaps), np.asarray(errors)
 
 
