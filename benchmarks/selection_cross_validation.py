@@ -93,15 +93,21 @@ def fold_cells(adata, in_fold: np.ndarray, train: np.ndarray, control: np.ndarra
     return sub
 
 
-def choose(table: pd.DataFrame, clip: bool) -> tuple[float, float]:
-    """The smallest weight within one SE of the best mean DEG-R² (the selection's rule)."""
+def choose(table: pd.DataFrame, clip: bool, by_drug: bool = False) -> tuple[float, float]:
+    """The smallest weight within one SE of the best mean DEG-R² (the selection's rule).
+
+    With ``by_drug`` the standard error treats each perturbation (all its cell lines) as one
+    observation instead of each condition.
+    """
     values = table["r2_deg"].clip(lower=0) if clip else table["r2_deg"]
     scores = table.assign(value=values).pivot_table(
         index=["set", "condition", "cell_line"], columns=["weight", "temperature"], values="value"
     )
     means = scores.mean()
     gaps = scores[means.idxmax()].to_numpy()[:, None] - scores.to_numpy()
-    se = gaps.std(0, ddof=1) / np.sqrt(len(gaps))
+    units = pd.DataFrame(gaps).groupby(scores.index.droplevel("cell_line")).mean().to_numpy()
+    units = units if by_drug else gaps
+    se = units.std(0, ddof=1) / np.sqrt(len(units))
     within = [c for c, g, e in zip(scores.columns, gaps.mean(0), se, strict=True) if g <= e]
     return min(within, key=lambda c: (c[0], -means[c]))
 
@@ -114,10 +120,15 @@ def print_choices(paths: list[str]) -> None:
         test = table[~table["set"].isin(["cv", "valid"])]
         test_means = test.groupby(["weight", "temperature"])["r2_deg"].mean()
         row = {"data": table["data"].iloc[0], "best in hindsight": test_means.max()}
+        row["ensemble alone"] = test_means[(0.0, test_means.loc[0.0].index[0])]
         for sets in (("valid",), ("cv",), ("valid", "cv")):
-            for clip in (False, True):
-                chosen = choose(table[table["set"].isin(sets)], clip)
-                name = "+".join(sets) + (" clipped" if clip else "")
+            if not set(sets) <= set(table["set"]):  # scored without folds
+                continue
+            for clip, by_drug in ((False, False), (True, False), (False, True)):
+                chosen = choose(table[table["set"].isin(sets)], clip, by_drug)
+                name = (
+                    "+".join(sets) + (" clipped" if clip else "") + (" SE/drug" if by_drug else "")
+                )
                 row[name] = f"{test_means[chosen]:.3f} ({chosen[0]:g}, {chosen[1]:g})"
         rows.append(row)
     print(pd.DataFrame(rows).to_string(index=False, float_format="%.3f"))
@@ -157,7 +168,8 @@ def main() -> None:
     control = model._control_mask(adata)
     drugs = np.unique(features.inverse[train & ~control])
     rng = np.random.default_rng(0)
-    fold_of = dict(zip(rng.permutation(drugs), np.arange(len(drugs)) % args.n_folds, strict=True))
+    folds = np.arange(len(drugs)) % max(args.n_folds, 1)  # --n-folds 0: valid and test only
+    fold_of = dict(zip(rng.permutation(drugs), folds, strict=True))
     dose = model._doses(adata)
     at_top_dose = None if dose is None else dose == dose[train & ~control].max()
     rows, start = [], time.perf_counter()
