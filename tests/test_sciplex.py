@@ -245,7 +245,7 @@ def test_chemcpa_without_counts_says_normal(tmp_path):
 def test_read_pertpy_schema_and_unmatched(tmp_path):
     write_pertpy(tmp_path / "srivatsan_2020_sciplex3.h5ad", extra_name="Mystery-123 (XYZ)")
     with pytest.warns(UserWarning, match="Mystery-123") as record:
-        adata = read_sciplex3(tmp_path / "srivatsan_2020_sciplex3.h5ad")
+        adata = read_usable(tmp_path / "srivatsan_2020_sciplex3.h5ad")
     message = next(str(w.message) for w in record if "Mystery-123" in str(w.message))
     # 4 doses x 3 lines x 4 cells at 24 h; the 72 h arm's are removed
     assert "48 treated cell(s) therefore have no SMILES" in message
