@@ -590,10 +590,13 @@ def test_train_command_on_a_file(tmp_path, capsys):
             str(tmp_path / "out"),
             "--degs",
             "file",  # the file's own chemCPA DEG lists
+            "--n-top-genes",
+            "30",
         ]
     )
     assert code == 0
     printed = capsys.readouterr().out
+    assert "kept the 30 most variable of 40" in printed
     assert "schema chemcpa" in printed and "held-out (OOD) drugs" in printed
     assert "(DEGs: file)" in printed
     table = pd.read_csv(tmp_path / "out" / "heldout_metrics.csv")
