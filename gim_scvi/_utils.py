@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 _TRUE_STRINGS = {"true": True, "false": False, "1": True, "0": False}
 
@@ -44,21 +45,18 @@ def control_flags(obs: pd.DataFrame, control_key: str, strings: bool = True) -> 
         :meth:`gim_scvi.GIM.setup_anndata` can register).
     """
     col = obs[control_key]
-    values = col.to_numpy()
-    if isinstance(col.dtype, pd.CategoricalDtype) and strings:
-        values = col.cat.categories.to_numpy()[col.cat.codes.to_numpy()]
-        if (col.cat.codes.to_numpy() < 0).any():
-            values = np.where(col.cat.codes.to_numpy() < 0, np.nan, values.astype(object))
-    series = pd.Series(values, index=col.index)
+    categorical = isinstance(col.dtype, pd.CategoricalDtype)
+    series = pd.Series(col.to_numpy(), index=col.index)  # a categorical's values, NaN if missing
     if series.isna().any():
         example = str(series.index[series.isna().to_numpy()][0])
         raise ValueError(
             f"adata.obs[{control_key!r}] has {int(series.isna().sum())} missing value(s) (e.g. "
             f"cell {example!r}); set each cell's control flag to True or False."
         )
-    if pd.api.types.is_bool_dtype(series):
+    plain = strings or not categorical  # setup registers plain boolean / numeric columns only
+    if plain and pd.api.types.is_bool_dtype(series):
         return series.to_numpy(dtype=bool)
-    if pd.api.types.is_numeric_dtype(series):
+    if plain and pd.api.types.is_numeric_dtype(series):
         numbers = series.to_numpy(dtype=np.float64)
         if not np.isin(numbers, (0.0, 1.0)).all():
             raise ValueError(
@@ -77,3 +75,24 @@ def control_flags(obs: pd.DataFrame, control_key: str, strings: bool = True) -> 
         f"must be {accepted}. For a label column use e.g. "
         f"`adata.obs['control'] = adata.obs[{control_key!r}] == 'control'`."
     )
+
+
+def first_non_count_rows(x, n_blocks: int = 8, block_rows: int = 250) -> slice | None:
+    """The first block of rows of ``x`` with negative or non-integer values, or ``None``.
+
+    Reads ``n_blocks`` contiguous blocks of rows spread evenly over the whole matrix (dense,
+    sparse or backed), so data concatenated from counts and log-normalised parts is caught
+    without reading everything.
+    """
+    n_obs = x.shape[0]
+    if n_obs <= n_blocks * block_rows:
+        blocks = [slice(0, n_obs)]
+    else:
+        starts = np.linspace(0, n_obs - block_rows, n_blocks).astype(int)
+        blocks = [slice(int(s), int(s) + block_rows) for s in starts]
+    for rows in blocks:
+        block = x[rows]
+        data = np.asarray(block.data if sp.issparse(block) else block, dtype=np.float64)
+        if data.size and (np.any(data < 0) or np.any(np.abs(data - np.round(data)) > 1e-6)):
+            return rows
+    return None

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData, read_h5ad
 
-from gim_scvi._utils import control_flags
+from gim_scvi._utils import control_flags, first_non_count_rows
 from gim_scvi.data._compounds import match_compounds, normalize_name, sciplex3_compounds
 from gim_scvi.data._synthetic import _drug_mechanisms, simulate_screen
 
@@ -229,26 +228,16 @@ def _human_gene_mask(var: pd.DataFrame) -> np.ndarray:
     return keep
 
 
-def _looks_like_counts(x, n_rows: int = 500) -> bool:
-    sample = x[: min(n_rows, x.shape[0])]
-    if sp.issparse(sample):
-        data = sample.data
-    else:
-        data = np.asarray(sample)
-    data = np.asarray(data, dtype=np.float64)
-    return bool(data.size == 0 or (np.all(data >= 0) and np.allclose(data, np.round(data))))
-
-
 def _find_counts(adata: AnnData) -> str | None:
-    if _looks_like_counts(adata.X):
+    if first_non_count_rows(adata.X) is None:
         return "X"
     for layer in _COUNT_LAYERS:
-        if layer in adata.layers and _looks_like_counts(adata.layers[layer]):
+        if layer in adata.layers and first_non_count_rows(adata.layers[layer]) is None:
             return f"layers/{layer}"
     if (
         adata.raw is not None
         and adata.raw.n_vars == adata.n_vars
-        and _looks_like_counts(adata.raw.X)
+        and first_non_count_rows(adata.raw.X) is None
     ):
         return "raw"
     return None

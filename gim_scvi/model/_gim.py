@@ -29,7 +29,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from gim_scvi._constants import GIM_REGISTRY_KEYS as KEYS
-from gim_scvi._utils import context_labels
+from gim_scvi._utils import context_labels, first_non_count_rows
 from gim_scvi.model import _validation as check
 from gim_scvi.model._checkpoint import prepare_checkpointing, split_fingerprint
 from gim_scvi.model._features import FeatureRows, feature_rows, zero_rows
@@ -1489,27 +1489,13 @@ def _codes(values: pd.Series, mapping: list[str], what: str, key: str) -> np.nda
     return np.array([lookup[s] for s in strings], dtype=np.int64)
 
 
-def _spread_row_blocks(n_obs: int, n_blocks: int = 8, block_rows: int = 250) -> list[slice]:
-    """Contiguous row blocks spread evenly over a matrix (readable from backed files too)."""
-    if n_obs <= n_blocks * block_rows:
-        return [slice(0, n_obs)]
-    starts = np.linspace(0, n_obs - block_rows, n_blocks).astype(int)
-    return [slice(int(s), int(s) + block_rows) for s in starts]
-
-
 def _check_counts(adata: AnnData, layer: str | None) -> None:
-    """Fail on a count likelihood for values that are not counts, sampled over all cells.
-
-    Rows are read in blocks spread over the whole matrix (not only its first rows), so data
-    concatenated from counts and log-normalised parts is caught without reading everything.
-    """
+    """Fail on a count likelihood for values that are not counts, sampled over all cells."""
     x = adata.layers[layer] if layer is not None else adata.X
-    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    for rows in _spread_row_blocks(adata.n_obs):
-        block = x[rows]
-        data = block.data if sp.issparse(block) else np.asarray(block)
-        if data.size and (np.any(data < 0) or np.any(np.abs(data - np.round(data)) > 1e-6)):
-            _raise_not_counts(where, rows)
+    rows = first_non_count_rows(x)
+    if rows is not None:
+        where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+        _raise_not_counts(where, rows)
 
 
 def _raise_not_counts(where: str, rows: slice) -> None:
