@@ -71,9 +71,18 @@ def test_negative_counts_with_count_likelihood():
 
 
 def test_counts_checked_beyond_the_first_cells():
+    from gim_scvi._utils import first_non_count_rows
+
+    counts = sp.random(5000, 30, density=0.2, format="csr", random_state=0) * 10
+    counts.data = np.ceil(counts.data)
+    assert first_non_count_rows(counts) is None
+    mixed = counts.tolil()
+    mixed[4990:] = np.log1p(counts[4990:].toarray())  # concatenated: counts, then log-normalised
+    rows = first_non_count_rows(mixed.tocsr())
+    assert rows is not None and rows.stop == 5000  # beyond the first 2,000 rows once read
     adata = make_small()
     x = adata.X.toarray()
-    x[-5:] = np.log1p(x[-5:])  # the last cells log-normalised: concatenated data
+    x[-5:] = np.log1p(x[-5:])
     adata.X = sp.csr_matrix(x)
     setup(adata)
     with pytest.raises(ValueError, match="raw counts"):
