@@ -72,6 +72,11 @@ def _is_missing(values: pd.Series) -> np.ndarray:
     return (values.isna() | text.isin(_MISSING)).to_numpy()
 
 
+def _assigned(canon: pd.DataFrame) -> np.ndarray:
+    """Cells of a reader's table with a compound and a cell line (not failed demultiplexing)."""
+    return ~(_is_missing(canon["name"]) | _is_missing(canon["cell_line"]))
+
+
 def _text(values: pd.Series) -> pd.Series:
     """Labels as text, missing ones (NaN, ``"nan"``) as ``""``."""
     return values.astype(str).where(~_is_missing(values), "")
@@ -107,7 +112,6 @@ def _canonical_from_chemcpa(obs: pd.DataFrame) -> pd.DataFrame:
             "cell_line": obs["cell_type"].astype(str).to_numpy(),
             "dose_nM": dose,
             "control": _chemcpa_control(obs),
-            "assigned": ~(_is_missing(obs["condition"]) | _is_missing(obs["cell_type"])),
             "smiles_file": obs[smiles_col].astype(str).to_numpy() if smiles_col else "",
             "pathway_file": _file_pathway(obs),
         },
@@ -123,7 +127,6 @@ def _canonical_from_canonical(obs: pd.DataFrame) -> pd.DataFrame:
             "cell_line": obs["cell_line"].astype(str).to_numpy(),
             "dose_nM": pd.to_numeric(obs["dose_nM"], errors="coerce").to_numpy(dtype=float),
             "control": control,
-            "assigned": ~(_is_missing(obs["condition"]) | _is_missing(obs["cell_line"])),
             "smiles_file": obs["smiles"].astype(str).to_numpy(),
             "pathway_file": obs["pathway"].astype(str).to_numpy() if "pathway" in obs else "",
         },
@@ -147,7 +150,6 @@ def _canonical_from_pertpy(obs: pd.DataFrame) -> pd.DataFrame:
             "cell_line": obs["cell_line"].astype(str).to_numpy(),
             "dose_nM": dose,
             "control": control,
-            "assigned": assigned,
             "smiles_file": "",
             "pathway_file": _file_pathway(obs),
         },
@@ -250,14 +252,17 @@ _READERS = {
 }
 
 
-def _canonical_columns(canon: pd.DataFrame, matched: dict[str, str]) -> pd.DataFrame:
+def _canonical_columns(
+    canon: pd.DataFrame, matched: dict[str, str], assigned: np.ndarray
+) -> pd.DataFrame:
     """The canonical obs columns from a reader's table and the matched compound names.
 
-    Cells not assigned to a compound and cell line get missing labels and ``control=False``.
+    Cells not ``assigned`` to a compound and cell line get missing labels and
+    ``control=False``.
     """
     table = sciplex3_compounds().set_index("name")
-    control = canon["control"].to_numpy(dtype=bool) & canon["assigned"].to_numpy()
-    unassigned = ~canon["assigned"].to_numpy()
+    control = canon["control"].to_numpy(dtype=bool) & assigned
+    unassigned = ~assigned
     condition = canon["name"].map(matched).fillna(canon["name"]).astype(object)
     condition[control] = "control"
     smiles = condition.map(table["smiles"])
@@ -421,13 +426,13 @@ def read_sciplex3(
     adata = read_h5ad(path, backed="r" if backed else None)
     schema = detect_sciplex3_schema(adata.obs)
     canon = _READERS[schema](adata.obs).reset_index(drop=True)  # positional from here
-    assigned = canon["assigned"].to_numpy()
+    assigned = _assigned(canon)
     at_time = _time_mask(adata.obs, time)
     rows = assigned & at_time
     genes = _human_gene_mask(adata.var) if human_genes_only else np.ones(adata.n_vars, bool)
     treated = rows & ~canon["control"].to_numpy(dtype=bool)
     matched, unmatched = match_compounds(canon.loc[treated, "name"].unique())
-    columns = _canonical_columns(canon, matched)
+    columns = _canonical_columns(canon, matched, assigned)
     _write_canonical(adata.obs, columns, rows)
     if unmatched:
         n_missing = int((treated & (columns["smiles"] == "").to_numpy()).sum())
