@@ -67,15 +67,20 @@ def load(args: argparse.Namespace):
     return adata, gim_scvi.GIM.load(args.model, adata=adata), kwargs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="saved GIM folder")
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The saved model, its data (a sci-Plex file or a synthetic seed) and where to write."""
+    parser.add_argument("--model", required=required, help="saved GIM folder")
     parser.add_argument("--data", help="sci-Plex-schema .h5ad (with --sciplex)")
     parser.add_argument("--sciplex", action="store_true", help="read --data as sci-Plex 3")
     parser.add_argument("--synthetic-seed", type=int, default=0)
     parser.add_argument("--data-kwargs", default="{}", help="JSON dict for synthetic()")
-    parser.add_argument("--tag", required=True, help="appended to the CSV file name")
+    parser.add_argument("--tag", required=required, help="appended to the CSV file name")
     parser.add_argument("--out", default="benchmarks/results")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(parser)
     parser.add_argument(
         "--refit-seen", type=int, default=None, metavar="SEED", help="refit seen fits first"
     )

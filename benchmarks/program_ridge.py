@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from neighbour_selection import load
+from neighbour_selection import add_data_arguments, load
 from sklearn.linear_model import RidgeCV
 
 import gim_scvi
@@ -200,13 +200,7 @@ def wide(rows: list[dict], method: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="saved GIM folder")
-    parser.add_argument("--data", help="sci-Plex-schema .h5ad (with --sciplex)")
-    parser.add_argument("--sciplex", action="store_true", help="read --data as sci-Plex 3")
-    parser.add_argument("--synthetic-seed", type=int, default=0)
-    parser.add_argument("--data-kwargs", default="{}", help="JSON dict for synthetic()")
-    parser.add_argument("--tag", required=True, help="appended to the CSV file name")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_data_arguments(parser)
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds")
     parser.add_argument("--refit-seed", type=int, default=0, help="the model's training seed")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from neighbour_selection import load
+from neighbour_selection import add_data_arguments, load
 
 import gim_scvi
 from gim_scvi.model._refit import context_residuals, refit_generator, refit_seen_perturbations
@@ -136,13 +136,7 @@ def print_choices(paths: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="saved GIM folder")
-    parser.add_argument("--data", help="sci-Plex-schema .h5ad (with --sciplex)")
-    parser.add_argument("--sciplex", action="store_true", help="read --data as sci-Plex 3")
-    parser.add_argument("--synthetic-seed", type=int, default=0)
-    parser.add_argument("--data-kwargs", default="{}", help="JSON dict for synthetic()")
-    parser.add_argument("--tag", help="appended to the CSV file name")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_data_arguments(parser, required=False)  # not with --choose
     parser.add_argument("--refit-seen", type=int, default=None, metavar="SEED")
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--choose", nargs="+", metavar="CSV", help="summarise results files")
