@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -44,19 +43,6 @@ import gim_scvi
 from gim_scvi.model._refit import ContextResiduals, context_residuals, refit_generator
 
 DEFAULT_LADDER = (0.01, 0.1)
-
-
-def subset(contexts: ContextResiduals, rows: np.ndarray) -> ContextResiduals:
-    """The contexts in ``rows`` (per-line statistics unchanged)."""
-    return dataclasses.replace(
-        contexts,
-        features=contexts.features[rows],
-        dose=None if contexts.dose is None else contexts.dose[rows],
-        cell_line=contexts.cell_line[rows],
-        mean=contexts.mean[rows],
-        second_moment=contexts.second_moment[rows],
-        n_cells=contexts.n_cells[rows],
-    )
 
 
 def expected_shift(module, contexts: ContextResiduals) -> np.ndarray:
@@ -91,9 +77,9 @@ def cv_shifts(module, contexts: ContextResiduals, ladder, folds: np.ndarray, ref
     shift = np.zeros_like(contexts.mean)
     for k in np.unique(folds):
         held = np.flatnonzero(folds == k)
-        train = subset(contexts, np.flatnonzero(folds != k))
+        train = contexts.take(folds != k)
         refit_generator(module, train, weight_decay=ladder, seed=refit_seed)
-        shift[held] = expected_shift(module, subset(contexts, held))
+        shift[held] = expected_shift(module, contexts.take(held))
     return shift
 
 
@@ -168,7 +154,7 @@ def losses(shift: np.ndarray, contexts: ContextResiduals, top: np.ndarray) -> di
     """:func:`shift_loss` over all contexts and over those at the highest dose."""
     return {
         "cv_loss": shift_loss(shift, contexts),
-        "cv_loss_top_dose": shift_loss(shift[top], subset(contexts, np.flatnonzero(top))),
+        "cv_loss_top_dose": shift_loss(shift[top], contexts.take(top)),
     }
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -173,14 +172,7 @@ def main() -> None:
         fold_rows = features.unique[fold_ids]
         in_fold = train & ~control & np.isin(features.inverse, fold_ids)
         keep = ~matching(contexts.features, fold_rows)
-        others = dataclasses.replace(
-            contexts,
-            **{
-                name: getattr(contexts, name)[keep]
-                for name in ("features", "dose", "cell_line", "mean", "second_moment", "n_cells")
-                if getattr(contexts, name) is not None
-            },
-        )
+        others = contexts.take(keep)
         refit_generator(module, others, seed=seed)
         unseen = torch.as_tensor(matching(module.seen_features.numpy(), fold_rows))
         for name in SEEN_BUFFERS:

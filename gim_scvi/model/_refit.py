@@ -22,7 +22,7 @@ as the prior of their own, which is fitted on their own cells
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -71,6 +71,18 @@ class ContextResiduals:
     n_cells: np.ndarray
     basal_mean: np.ndarray
     exogenous_sd: np.ndarray
+
+    def take(self, rows: np.ndarray) -> ContextResiduals:
+        """The contexts in ``rows`` (an index or boolean mask); per-line statistics kept."""
+        return replace(
+            self,
+            features=self.features[rows],
+            dose=None if self.dose is None else self.dose[rows],
+            cell_line=self.cell_line[rows],
+            mean=self.mean[rows],
+            second_moment=self.second_moment[rows],
+            n_cells=self.n_cells[rows],
+        )
 
 
 @dataclass(frozen=True)
