@@ -311,6 +311,15 @@ def _highly_variable_genes(adata, layer, likelihood: str, n_top_genes: int, seed
     return adata[:, keep].copy()
 
 
+def _first_word_note(info: dict) -> str:
+    """The read line's note on names matched by their first word only ("" if none)."""
+    names = list(info.get("matched_by_first_word", []))
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f", {len(names)} matched by their first word only ({shown})"
+
+
 def _train(args: argparse.Namespace) -> int:
     import scvi
 
@@ -324,8 +333,8 @@ def _train(args: argparse.Namespace) -> int:
     info = adata.uns["sciplex3"]
     print(
         f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes, schema {info['schema']}, "
-        f"counts in {info['counts']}, {len(info['unmatched'])} unmatched compound name(s); "
-        f"read in {time.perf_counter() - t0:.1f} s"
+        f"counts in {info['counts']}, {len(info['unmatched'])} unmatched compound name(s)"
+        f"{_first_word_note(info)}; read in {time.perf_counter() - t0:.1f} s"
     )
     counts = str(info["counts"])
     layer = counts.split("/", 1)[1] if counts.startswith("layers/") else None

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 import gim_scvi
-from gim_scvi.cli import _without_compounds_lacking_smiles, main
+from gim_scvi.cli import _first_word_note, _without_compounds_lacking_smiles, main
 
 
 def test_demo_small(tmp_path, capsys):
@@ -73,3 +73,10 @@ def test_train_leaves_out_compounds_without_smiles(tmp_path, capsys):
         kept.uns["sciplex3"]["unmatched"]
     )
     gim_scvi.pp.featurize_smiles(kept, n_bits=64, control_key="control")  # no error now
+
+
+def test_first_word_note_names_the_matches():
+    assert _first_word_note({"matched_by_first_word": []}) == ""
+    names = ["ZM 447439", "AZ 960", "GSK J1", "Ellagic acid"]
+    note = _first_word_note({"matched_by_first_word": names})
+    assert note == ", 4 matched by their first word only (ZM 447439, AZ 960, GSK J1, ...)"

@@ -17,6 +17,7 @@ from gim_scvi.data import (
     sciplex3_compounds,
     sciplex3_ood_split,
 )
+from gim_scvi.data._compounds import match_compounds_by_rule
 from gim_scvi.pp import featurize_smiles, smiles_to_features
 
 # names as the pertpy / scPerturb file spells them (vendor product names)
@@ -242,10 +243,11 @@ def test_chemcpa_without_counts_says_normal(tmp_path):
     assert adata.uns["sciplex3"]["counts"] == "None"
 
 
-def test_read_pertpy_schema_and_unmatched(tmp_path):
+def test_read_pertpy_schema_and_unmatched(tmp_path, caplog):
     write_pertpy(tmp_path / "srivatsan_2020_sciplex3.h5ad", extra_name="Mystery-123 (XYZ)")
-    with pytest.warns(UserWarning, match="Mystery-123") as record:
-        adata = read_usable(tmp_path / "srivatsan_2020_sciplex3.h5ad")
+    with caplog.at_level("INFO", logger="gim_scvi.data._sciplex"):
+        with pytest.warns(UserWarning, match="Mystery-123") as record:
+            adata = read_usable(tmp_path / "srivatsan_2020_sciplex3.h5ad")
     message = next(str(w.message) for w in record if "Mystery-123" in str(w.message))
     # 4 doses x 3 lines x 4 cells at 24 h; the 72 h arm's are removed
     assert "48 treated cell(s) therefore have no SMILES" in message
@@ -263,6 +265,11 @@ def test_read_pertpy_schema_and_unmatched(tmp_path):
     for drug in ("Trichostatin", "Valproic"):
         cells = adata.obs[adata.obs["condition"] == drug]
         assert len(cells) == 48 and (cells["smiles"] == table.loc[drug, "smiles"]).all()
+    # ... and those two, only those, are reported for the user to check
+    first_word = [FIRST_WORD_NAMES["Trichostatin"], FIRST_WORD_NAMES["Valproic"]]
+    assert sorted(info["matched_by_first_word"]) == sorted(first_word)
+    assert "2 compound name(s) matched" in caplog.text
+    assert "'Trichostatin A (TSA)' -> 'Trichostatin'" in caplog.text
     # an unmatched name's pathway is the file's `pathway` (the table's vocabulary)
     mystery = adata.obs["condition"] == "Mystery-123 (XYZ)"
     assert (adata.obs.loc[mystery, "pathway"] == "Epigenetics").all()
@@ -390,6 +397,19 @@ def test_earlier_matches_unchanged():
 def test_first_word_matches_chemcpa_names(expected, name):
     matched, unmatched = match_compounds([name])
     assert matched == {name: expected} and unmatched == []
+
+
+def test_first_word_matches_are_reported():
+    names = [*PRODUCT_NAMES.values(), *FIRST_WORD_NAMES.values(), "ZM 336372", "Unobtainium"]
+    matched, unmatched, by_first_word = match_compounds_by_rule(names)
+    assert unmatched == ["Unobtainium"]
+    # a different compound sharing the first word is matched, and reported as such
+    assert matched["ZM 336372"] == "ZM"
+    # the table's own (mangled) name, and one whose bracket drops out ("(+)-JQ1" -> "jq1")
+    full = {"Glesatinib?(MGCD265)", "JQ1"}
+    expected = [n for d, n in FIRST_WORD_NAMES.items() if d not in full] + ["ZM 336372"]
+    assert by_first_word == expected
+    assert match_compounds(names) == (matched, unmatched)
 
 
 def test_first_word_is_the_last_resort():

@@ -139,7 +139,47 @@ def match_compounds(
     unmatched : list
         The input names that matched nothing.
     """
-    table = sciplex3_compounds() if table is None else table
+    matched, unmatched, _ = match_compounds_by_rule(names, table)
+    return matched, unmatched
+
+
+def match_compounds_by_rule(
+    names: Iterable[str], table: pd.DataFrame | None = None
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """:func:`match_compounds`, also saying which names matched only by their first word.
+
+    A first-word match is the weakest evidence (``"ZM 336372"`` would take the table's
+    ``"ZM"``, which is ZM 447439), so readers report those names for the user to check.
+
+    Returns
+    -------
+    matched : dict
+        Each matched input name mapped to the table's name.
+    unmatched : list
+        The input names that matched nothing.
+    by_first_word : list
+        The matched input names whose full name and bracketed aliases matched nothing.
+    """
+    lookup = _name_lookup(sciplex3_compounds() if table is None else table)
+    matched, unmatched, by_first_word = {}, [], []
+    for name in dict.fromkeys(map(str, names)):
+        full = next((lookup[c] for c in _candidates(name) if c in lookup), None)
+        hit = full
+        if hit is None:
+            hit = next(
+                (lookup[c] for c in _candidates(name, first_word=True) if c in lookup), None
+            )
+            if hit is not None:
+                by_first_word.append(name)
+        if hit is None:
+            unmatched.append(name)
+        else:
+            matched[name] = hit
+    return matched, unmatched, by_first_word
+
+
+def _name_lookup(table: pd.DataFrame) -> dict[str, str]:
+    """Normalised name or alias -> the table's name (the first entry wins)."""
     lookup: dict[str, str] = {}
     for canonical in table["name"]:
         for key in _candidates(canonical):
@@ -147,11 +187,4 @@ def match_compounds(
     for alias, canonical in _ALIASES.items():
         if canonical in set(table["name"]):
             lookup.setdefault(alias, canonical)
-    matched, unmatched = {}, []
-    for name in dict.fromkeys(map(str, names)):
-        hit = next((lookup[c] for c in _candidates(name, first_word=True) if c in lookup), None)
-        if hit is None:
-            unmatched.append(name)
-        else:
-            matched[name] = hit
-    return matched, unmatched
+    return lookup

@@ -15,7 +15,11 @@ import pandas as pd
 from anndata import AnnData, read_h5ad
 
 from gim_scvi._utils import control_flags, first_non_count_rows
-from gim_scvi.data._compounds import match_compounds, normalize_name, sciplex3_compounds
+from gim_scvi.data._compounds import (
+    match_compounds_by_rule,
+    normalize_name,
+    sciplex3_compounds,
+)
 from gim_scvi.data._synthetic import _drug_mechanisms, simulate_screen
 
 logger = logging.getLogger(__name__)
@@ -322,6 +326,17 @@ def _removal_summary(
     return "; ".join(parts)
 
 
+def _first_word_message(by_first_word: list[str], matched: dict[str, str]) -> str:
+    """The note for names that matched the table only by their first word."""
+    pairs = ", ".join(f"{name!r} -> {matched[name]!r}" for name in by_first_word[:10])
+    more = f" and {len(by_first_word) - 10} more" if len(by_first_word) > 10 else ""
+    return (
+        f"{len(by_first_word)} compound name(s) matched the shipped sci-Plex 3 table only by "
+        f"their first word (chemCPA's naming rule): {pairs}{more}. Check them if the file is "
+        "not sci-Plex 3; adata.uns['sciplex3']['matched_by_first_word'] lists them."
+    )
+
+
 def _unmatched_message(unmatched: list[str], n_missing: int) -> str:
     """The warning for compound names the shipped table does not have."""
     message = (
@@ -411,9 +426,11 @@ def read_sciplex3(
     -------
     AnnData
         The file's data with the canonical columns and ``.uns["sciplex3"]``: ``schema``,
-        ``counts``, ``unmatched`` compound names, ``source``, ``n_cells_removed`` (by reason:
-        ``unassigned``, ``other_time_point``), ``n_genes_removed`` and ``params``. With
-        ``backed=True`` the counts are of cells and genes flagged, not removed.
+        ``counts``, ``unmatched`` compound names, ``matched_by_first_word`` (names that
+        matched the table only by their first word, chemCPA's rule; logged), ``source``,
+        ``n_cells_removed`` (by reason: ``unassigned``, ``other_time_point``),
+        ``n_genes_removed`` and ``params``. With ``backed=True`` the counts are of cells and
+        genes flagged, not removed.
 
     Raises
     ------
@@ -431,7 +448,11 @@ def read_sciplex3(
     rows = assigned & at_time
     genes = _human_gene_mask(adata.var) if human_genes_only else np.ones(adata.n_vars, bool)
     treated = rows & ~canon["control"].to_numpy(dtype=bool)
-    matched, unmatched = match_compounds(canon.loc[treated, "name"].unique())
+    matched, unmatched, by_first_word = match_compounds_by_rule(
+        canon.loc[treated, "name"].unique()
+    )
+    if by_first_word:
+        logger.info(_first_word_message(by_first_word, matched))
     columns = _canonical_columns(canon, matched, assigned)
     _write_canonical(adata.obs, columns, rows)
     if unmatched:
@@ -455,6 +476,7 @@ def read_sciplex3(
         "schema": schema,
         "counts": "None" if counts is None else counts,
         "unmatched": np.asarray(unmatched, dtype=str),
+        "matched_by_first_word": np.asarray(by_first_word, dtype=str),
         "source": str(path),
         "n_cells_removed": {"unassigned": n_unassigned, "other_time_point": n_other_time},
         "n_genes_removed": int((~genes).sum()),
