@@ -44,7 +44,7 @@ def load(args: argparse.Namespace):
         scvi.settings.seed = 0
         adata = gim_scvi.data.read_sciplex3(args.data)
         gim_scvi.pp.featurize_smiles(
-            adata, "smiles", method="morgan", n_bits=1024, control_key="control"
+            adata, "smiles", method=args.features, n_bits=1024, control_key="control"
         )
         if "split_ood" not in adata.obs:
             gim_scvi.data.sciplex3_ood_split(adata)
@@ -72,6 +72,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     parser.add_argument("--model", required=required, help="saved GIM folder")
     parser.add_argument("--data", help="sci-Plex-schema .h5ad (with --sciplex)")
     parser.add_argument("--sciplex", action="store_true", help="read --data as sci-Plex 3")
+    parser.add_argument(
+        "--features",
+        choices=["morgan", "descriptors", "both"],
+        default="morgan",
+        help="the features the model was trained on (with --sciplex; gim-scvi train's)",
+    )
     parser.add_argument("--synthetic-seed", type=int, default=0)
     parser.add_argument("--data-kwargs", default="{}", help="JSON dict for synthetic()")
     parser.add_argument("--tag", required=required, help="appended to the CSV file name")
