@@ -163,9 +163,8 @@ def match_compounds_by_rule(
     lookup = _name_lookup(sciplex3_compounds() if table is None else table)
     matched, unmatched, by_first_word = {}, [], []
     for name in dict.fromkeys(map(str, names)):
-        full = next((lookup[c] for c in _candidates(name) if c in lookup), None)
-        hit = full
-        if hit is None:
+        hit = next((lookup[c] for c in _candidates(name) if c in lookup), None)
+        if hit is None:  # chemCPA's first-word rule, the last resort
             hit = next(
                 (lookup[c] for c in _candidates(name, first_word=True) if c in lookup), None
             )
