@@ -91,26 +91,22 @@ def _first_word(name: str) -> str:
     return str(name).strip().split(" ")[0]
 
 
-def _candidates(name: str, first_word: bool = False) -> list[str]:
+def _candidates(name: str) -> list[str]:
     """Normalised forms of ``name`` to try, in order of preference.
 
     Parameters
     ----------
     name
         A compound name.
-    first_word
-        Also try chemCPA's rule, the name's first word, as the last resort.
 
     Returns
     -------
     list of str
-        The name without brackets, then each bracketed alias, then (with ``first_word``) the
-        first word; empty and repeated forms left out.
+        The name without brackets, then each bracketed alias; empty and repeated forms left
+        out.
     """
     out = [normalize_name(name)]
     out += [_strip_salts(alias.lower()) for alias in _BRACKETS.findall(str(name))]
-    if first_word:
-        out.append(normalize_name(_first_word(name)))
     return list(dict.fromkeys(c for c in out if c))
 
 
@@ -165,9 +161,7 @@ def match_compounds_by_rule(
     for name in dict.fromkeys(map(str, names)):
         hit = next((lookup[c] for c in _candidates(name) if c in lookup), None)
         if hit is None:  # chemCPA's first-word rule, the last resort
-            hit = next(
-                (lookup[c] for c in _candidates(name, first_word=True) if c in lookup), None
-            )
+            hit = lookup.get(normalize_name(_first_word(name)))
             if hit is not None:
                 by_first_word.append(name)
         if hit is None:
