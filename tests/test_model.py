@@ -53,7 +53,14 @@ def test_registry_contents(small_adata):
 )
 def test_training_smoke(small_adata, kwargs):
     model = gim_scvi.GIM(small_adata, n_programs=3, **kwargs)
-    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    # every stage runs under each option; the second one with fewer steps than its default
+    model.train(
+        max_epochs=2,
+        batch_size=64,
+        enable_progress_bar=False,
+        generator_refit_steps=100,
+        graph_refit_kwargs={"n_steps": 500},
+    )
     history = model.history
     for term in (
         "reconstruction_loss_train",
@@ -318,6 +325,7 @@ def test_generator_weight_decay_and_lr_schedule(small_adata):
         split_key="split",
         validation_split="valid",
         plan_kwargs={"generator_weight_decay": 0.05, "reduce_lr_on_plateau": True},
+        generator_refit_steps=0,  # the plan's optimiser is the joint stage's
     )
     plan = gim_scvi.model.GIMTrainingPlan(
         model.module, generator_weight_decay=0.05, loadings_lr_factor=4.0
