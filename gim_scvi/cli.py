@@ -361,7 +361,12 @@ def _train(args: argparse.Namespace) -> int:
         cell_line_key="cell_line",
         layer=layer,
     )
-    model = gim_scvi.GIM(adata, n_programs=args.n_programs, gene_likelihood=likelihood)
+    model = gim_scvi.GIM(
+        adata,
+        n_programs=args.n_programs,
+        gene_likelihood=likelihood,
+        binary_features=args.binary_features,
+    )
     t0 = time.perf_counter()
     has_valid = bool((adata.obs["split_ood"] == "valid").any())
     model.train(
@@ -417,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--n-programs", type=int, default=16)
     tr.add_argument("--features", choices=["morgan", "descriptors", "both"], default="morgan")
     tr.add_argument("--n-bits", type=int, default=1024, help="Morgan fingerprint length")
+    tr.add_argument(
+        "--binary-features",
+        choices=["standardize", "center"],
+        default="standardize",
+        help="fingerprint bits standardised like other features, or only centred",
+    )
     tr.add_argument("--n-validation-drugs", type=int, default=10)
     tr.add_argument(
         "--n-top-genes",

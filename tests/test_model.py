@@ -316,6 +316,29 @@ def test_constant_training_features_are_not_blown_up(small_adata):
     assert np.isfinite(pred.layers["expected"]).all()
 
 
+@pytest.mark.parametrize("binary_features", ["standardize", "center"])
+def test_binary_feature_columns_centred_not_scaled(small_adata, tmp_path, binary_features):
+    feats = small_adata.obsm["drug_features"]
+    treated = ~small_adata.obs["control"].to_numpy()
+    feats[:, 2] = np.where(treated & (feats[:, 3] > 0), 1.0, 0.0)  # a bit some drugs set
+    assert 0 < feats[treated, 2].mean() < 1
+    model = gim_scvi.GIM(small_adata, n_programs=3, binary_features=binary_features)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False, generator_refit_steps=0)
+    std = model.module.feature_std.numpy()
+    assert std[2] == 1.0 if binary_features == "center" else 0 < std[2] < 0.51
+    assert float(model.module.feature_mean[2]) == pytest.approx(feats[treated, 2].mean(), 1e-5)
+    continuous = [j for j in range(feats.shape[1]) if j != 2]
+    np.testing.assert_allclose(std[continuous], feats[treated][:, continuous].std(0), 1e-4)
+    model.save(tmp_path / "m")
+    loaded = gim_scvi.GIM.load(tmp_path / "m", adata=small_adata)
+    assert loaded.binary_features == binary_features
+
+
+def test_binary_features_value_is_checked(small_adata):
+    with pytest.raises(ValueError, match="binary_features='scale'"):
+        gim_scvi.GIM(small_adata, binary_features="scale")
+
+
 def test_generator_weight_decay_and_lr_schedule(small_adata):
     model = gim_scvi.GIM(small_adata, n_programs=3)
     model.train(

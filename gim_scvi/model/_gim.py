@@ -77,6 +77,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         ``"nb"``, ``"zinb"``, ``"poisson"`` (counts) or ``"normal"`` (log-normalised data).
     intervention
         ``"shift"`` or ``"shift+scale"``.
+    binary_features
+        How feature columns that are all 0/1 in training (fingerprint bits) enter the
+        generator: ``"standardize"`` (centred and divided by their standard deviation, like
+        every other column; a bit set in few training drugs becomes a large input) or
+        ``"center"`` (centred only, kept on the 0/1 scale). Other columns are always
+        standardised with training-cell statistics.
     **module_kwargs
         Passed to :class:`~gim_scvi.module.GIMModule` (generator size, priors, ...).
 
@@ -103,9 +109,15 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         decoder: Literal["linear", "mlp"] = "linear",
         gene_likelihood: Literal["nb", "zinb", "poisson", "normal"] = "nb",
         intervention: Literal["shift", "shift+scale"] = "shift",
+        binary_features: Literal["standardize", "center"] = "standardize",
         **module_kwargs,
     ):
         super().__init__(adata, registry)
+        if binary_features not in ("standardize", "center"):
+            raise ValueError(
+                f"binary_features={binary_features!r}; use 'standardize' or 'center'."
+            )
+        self.binary_features = binary_features
         n_features = self.summary_stats[f"n_{KEYS.FEATURES_KEY}"]
         n_cell_lines = self._n_categories(KEYS.CELL_LINE_KEY)
         n_batch = self._n_categories(KEYS.BATCH_KEY)
@@ -679,7 +691,10 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         module.feature_mean.copy_(torch.as_tensor(mean))
         # features constant in training (e.g. fingerprint bits never set) are not rescaled,
         # so a new drug that sets such a bit does not get a huge standardised input
-        module.feature_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
+        scale = np.where(std > 1e-6, std, 1.0)
+        if self.binary_features == "center":
+            scale[features.binary_columns(treated)] = 1.0
+        module.feature_std.copy_(torch.as_tensor(scale))
         seen = features.unique[np.unique(features.inverse[treated])]
         module.set_seen_features(torch.as_tensor(seen, dtype=torch.float32))
         doses = self._doses(adata)
