@@ -53,11 +53,6 @@ class FeatureRows:
         var = counts @ (self.unique - mean) ** 2 / total
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
-    def binary_columns(self, cells: np.ndarray) -> np.ndarray:
-        """Mask of the columns whose values over ``cells`` are all 0 or 1 (fingerprint bits)."""
-        rows = self.unique[np.unique(self.inverse[cells])]
-        return ((rows == 0) | (rows == 1)).all(axis=0)
-
 
 def zero_rows(features, chunk_size: int = 65_536) -> np.ndarray:
     """Boolean mask of the all-zero rows of a dense or sparse matrix, read in chunks."""

@@ -692,10 +692,10 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         # features constant in training (e.g. fingerprint bits never set) are not rescaled,
         # so a new drug that sets such a bit does not get a huge standardised input
         scale = np.where(std > 1e-6, std, 1.0)
-        if self.binary_features == "center":
-            scale[features.binary_columns(treated)] = 1.0
-        module.feature_std.copy_(torch.as_tensor(scale))
         seen = features.unique[np.unique(features.inverse[treated])]
+        if self.binary_features == "center":  # fingerprint bits keep their 0/1 scale
+            scale[((seen == 0) | (seen == 1)).all(axis=0)] = 1.0
+        module.feature_std.copy_(torch.as_tensor(scale))
         module.set_seen_features(torch.as_tensor(seen, dtype=torch.float32))
         doses = self._doses(adata)
         context = [features.inverse[treated], codes[treated]]
