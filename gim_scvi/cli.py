@@ -366,6 +366,8 @@ def _train(args: argparse.Namespace) -> int:
         n_programs=args.n_programs,
         gene_likelihood=likelihood,
         binary_features=args.binary_features,
+        feature_components=args.feature_components,
+        ensemble_layers=args.ensemble_layers,
     )
     t0 = time.perf_counter()
     has_valid = bool((adata.obs["split_ood"] == "valid").any())
@@ -427,6 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["standardize", "center"],
         default="standardize",
         help="fingerprint bits standardised like other features, or only centred",
+    )
+    tr.add_argument(
+        "--feature-components",
+        type=int,
+        default=None,
+        help="the generators read this many principal components of the standardised "
+        "features of the training drugs (default: every feature column)",
+    )
+    tr.add_argument(
+        "--ensemble-layers",
+        type=int,
+        default=0,
+        help="hidden layers of each generator-ensemble member (default 0: linear)",
     )
     tr.add_argument("--n-validation-drugs", type=int, default=10)
     tr.add_argument(

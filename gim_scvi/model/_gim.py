@@ -697,6 +697,8 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             scale[((seen == 0) | (seen == 1)).all(axis=0)] = 1.0
         module.feature_std.copy_(torch.as_tensor(scale))
         module.set_seen_features(torch.as_tensor(seen, dtype=torch.float32))
+        if module.feature_projection is not None:
+            module.set_feature_projection(torch.as_tensor((seen - mean) / scale))
         doses = self._doses(adata)
         context = [features.inverse[treated], codes[treated]]
         if doses is not None:

@@ -74,6 +74,14 @@ class GIMModule(BaseModuleClass):
         than the joint generator (``benchmarks/README.md``).
     ensemble_bottleneck
         Rank of the ensemble members' linear maps.
+    ensemble_layers
+        Hidden layers of each ensemble member (0, the default: a low-rank linear map; 1 or
+        more: an MLP of width ``generator_hidden`` that also sees the cell line).
+    feature_components
+        If given, the generators read the standardised features projected onto their first
+        ``feature_components`` principal components over the training perturbations (each
+        component scaled to unit variance; :meth:`set_feature_projection`) instead of all
+        ``n_features`` columns. The neighbour similarity still uses every column.
     target_prior
         Prior probability ``rho`` that a perturbation targets a given program.
     target_kl_weight
@@ -124,6 +132,8 @@ class GIMModule(BaseModuleClass):
         generator_dropout: float = 0.2,
         n_generators: int = 5,
         ensemble_bottleneck: int = 16,
+        ensemble_layers: int = 0,
+        feature_components: int | None = None,
         target_prior: float = 0.1,
         target_kl_weight: float = 5.0,
         graph_l1: float = 1000.0,
@@ -141,6 +151,11 @@ class GIMModule(BaseModuleClass):
             )
         if not 0.0 < target_prior < 1.0:
             raise ValueError(f"target_prior must lie in (0, 1), got {target_prior}.")
+        if feature_components is not None and not 1 <= feature_components <= n_features:
+            raise ValueError(
+                f"feature_components={feature_components} must lie between 1 and the "
+                f"{n_features} feature columns (or be None: every column)."
+            )
         self.n_input = n_input
         self.n_programs = n_programs
         self.n_cell_lines = max(n_cell_lines, 1)
@@ -180,7 +195,7 @@ class GIMModule(BaseModuleClass):
         )
         self.scm = LatentSCM(n_programs, graph=graph)
         shared = dict(
-            n_features=n_features,
+            n_features=feature_components or n_features,
             n_programs=n_programs,
             n_cell_lines=self.n_cell_lines,
             scale_intervention=intervention == "shift+scale",
@@ -196,7 +211,11 @@ class GIMModule(BaseModuleClass):
         self.generator = None
         if n_generators > 0:
             self.generator = GeneratorEnsemble(
-                n_generators, n_bottleneck=ensemble_bottleneck, n_layers=0, **shared
+                n_generators,
+                n_bottleneck=ensemble_bottleneck,
+                n_hidden=generator_hidden,
+                n_layers=ensemble_layers,
+                **shared,
             )
         # set once the ensemble has been fitted; until then the joint generator acts
         self.register_buffer("ensemble_fitted", torch.zeros((), dtype=torch.bool))
@@ -207,6 +226,11 @@ class GIMModule(BaseModuleClass):
         # statistics of the training data, set by the model before training
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
+        # principal axes the generators read (columns; scaled to unit-variance components)
+        self.register_buffer(
+            "feature_projection",
+            torch.eye(n_features)[:, :feature_components] if feature_components else None,
+        )
         self.register_buffer("log_dose_center", torch.zeros(()))
         self.register_buffer("log_dose_scale", torch.ones(()))
         self.register_buffer("cells_per_context", torch.ones(()))
@@ -304,8 +328,34 @@ class GIMModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ interventions
     def standardise_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Standardise raw features with the training statistics."""
-        return (features - self.feature_mean) / self.feature_std
+        """Generator input: raw features standardised with the training statistics.
+
+        Projected onto the principal components when the module has ``feature_components``.
+        """
+        standardised = (features - self.feature_mean) / self.feature_std
+        if self.feature_projection is None:
+            return standardised
+        return standardised @ self.feature_projection
+
+    def set_feature_projection(self, seen_standardised: torch.Tensor) -> None:
+        """Principal axes of the standardised training perturbations, one row per perturbation.
+
+        Each perturbation counts once (not once per cell), so a drug with many cells does not
+        decide the axes; the components are scaled to unit variance over these rows.
+        """
+        if self.feature_projection is None:
+            raise ValueError("The module was built without `feature_components`.")
+        n_components = self.feature_projection.shape[1]
+        if seen_standardised.shape[0] <= n_components:
+            raise ValueError(
+                f"feature_components={n_components} needs more than {n_components} distinct "
+                f"training perturbations; there are {seen_standardised.shape[0]}. Lower it."
+            )
+        centred = seen_standardised - seen_standardised.mean(0)
+        _, singular, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+        spread = singular[:n_components] / (centred.shape[0] - 1) ** 0.5
+        axes = vh[:n_components].T / spread.clamp(min=1e-8)
+        self.feature_projection.copy_(axes.to(self.feature_projection.dtype))
 
     def standardise_log_dose(self, dose: torch.Tensor | None) -> torch.Tensor | None:
         """Standardised log dose (``None`` if the model has no dose)."""
