@@ -334,6 +334,31 @@ def test_binary_feature_columns_centred_not_scaled(small_adata, tmp_path, binary
     assert loaded.binary_features == binary_features
 
 
+def test_feature_components_whiten_the_training_perturbations(small_adata, tmp_path):
+    model = gim_scvi.GIM(small_adata, n_programs=3, feature_components=3, ensemble_layers=1)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    module = model.module
+    assert module.feature_projection.shape == (8, 3)
+    assert module.generator.members[0].mlp is not None
+    inputs = module.standardise_features(module.seen_features).double()
+    centred = inputs - inputs.mean(0)
+    covariance = centred.T @ centred / (inputs.shape[0] - 1)
+    np.testing.assert_allclose(covariance.numpy(), np.eye(3), atol=1e-4)
+    pred = model.predict(features=np.ones((1, 8), np.float32), doses=10.0, n_cells=3)
+    assert np.isfinite(pred.layers["expected"]).all()
+    model.save(tmp_path / "m")
+    loaded = gim_scvi.GIM.load(tmp_path / "m", adata=small_adata)
+    torch.testing.assert_close(loaded.module.feature_projection, module.feature_projection)
+
+
+def test_feature_components_are_checked(small_adata):
+    with pytest.raises(ValueError, match="feature_components=9 must lie between 1 and the 8"):
+        gim_scvi.GIM(small_adata, feature_components=9)
+    model = gim_scvi.GIM(small_adata, n_programs=3, feature_components=8)  # 8 drugs
+    with pytest.raises(ValueError, match="needs more than 8 distinct training perturbations"):
+        model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+
+
 def test_binary_features_value_is_checked(small_adata):
     with pytest.raises(ValueError, match="binary_features='scale'"):
         gim_scvi.GIM(small_adata, binary_features="scale")
