@@ -184,8 +184,12 @@ def synthetic(
         Integer counts (CSR) in ``.X``; ``.obs`` columns ``condition``, ``cell_line``,
         ``dose``, ``control``, ``split``; ``.obsm["drug_features"]`` (zeros for controls);
         ``.uns["ground_truth"]`` with ``targets``, ``shifts``, ``drugs`` (EC50, Hill slope,
-        inert flag and split per drug), ``dag``, ``loadings``, ``basal_means``,
-        ``drug_features`` and, with combinations, ``combinations`` (their components).
+        inert flag and split per drug), ``dag``, ``loadings``, ``basal_means``, ``genes``
+        (log base rate and NB dispersion per gene), ``line_bias`` (lines x genes),
+        ``mechanism`` (each drug's hidden mechanism vector), ``params``, ``drug_features`` and,
+        with combinations, ``combinations`` (their components). A cell's expected counts are
+        its library size times ``softmax((u + a) (I - W)^-1 L^T + base + line_bias)``, ``u``
+        its exogenous programs and ``a`` its drug's shift.
     """
     if n_heldout_drugs + n_validation_drugs >= n_drugs:
         raise ValueError("n_heldout_drugs + n_validation_drugs must be smaller than n_drugs.")
@@ -378,7 +382,18 @@ def simulate_screen(
         "dag": pd.DataFrame(dag, index=program_names, columns=program_names),
         "loadings": pd.DataFrame(loadings, index=adata.var_names, columns=program_names),
         "basal_means": pd.DataFrame(basal_means, index=lines, columns=program_names),
-        "params": {"exogenous_sd": exogenous_sd, "doses": doses.tolist()},
+        "genes": pd.DataFrame({"base": gene_base, "dispersion": theta}, index=adata.var_names),
+        "line_bias": pd.DataFrame(line_bias, index=lines, columns=adata.var_names),
+        "mechanism": pd.DataFrame(
+            mech["mechanism"],
+            index=drugs,
+            columns=[f"mechanism_{j}" for j in range(mech["mechanism"].shape[1])],
+        ),
+        "params": {
+            "exogenous_sd": exogenous_sd,
+            "doses": doses.tolist(),
+            "library_median": library_median,
+        },
     }
     if combination_names:
         adata.uns["ground_truth"]["combinations"] = pd.DataFrame(
