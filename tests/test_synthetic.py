@@ -87,9 +87,7 @@ def test_ground_truth_gives_the_expected_counts():
     noise = truth["params"]["exogenous_sd"] * np.random.default_rng(1).normal(size=(4000, 3))
     controls = adata.obs["control"].to_numpy()
     for line, name in enumerate(truth["line_bias"].index):
-        programs = (truth["basal_means"].to_numpy()[line] + noise) @ np.linalg.inv(
-            np.eye(3) - dag
-        )
+        programs = (truth["basal_means"].to_numpy()[line] + noise) @ np.linalg.inv(np.eye(3) - dag)
         logits = (
             programs @ truth["loadings"].to_numpy().T
             + truth["genes"]["base"].to_numpy()
