@@ -195,7 +195,9 @@ def main() -> None:
         index=["features", "method"], columns="seed", values="r2_deg_mean", sort=False
     )
     wide["mean"] = wide.mean(axis=1)
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+    with pd.option_context(
+        "display.width", 160, "display.max_columns", None, "display.float_format", "{:.3f}".format
+    ):
         print(wide)
     print(f"wrote {args.out}")
 
