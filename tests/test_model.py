@@ -351,12 +351,14 @@ def test_feature_components_whiten_the_training_perturbations(small_adata, tmp_p
     torch.testing.assert_close(loaded.module.feature_projection, module.feature_projection)
 
 
-def test_feature_components_are_checked(small_adata):
-    with pytest.raises(ValueError, match="feature_components=9 must lie between 1 and the 8"):
-        gim_scvi.GIM(small_adata, feature_components=9)
-    model = gim_scvi.GIM(small_adata, n_programs=3, feature_components=8)  # 8 drugs
-    with pytest.raises(ValueError, match="needs more than 8 distinct training perturbations"):
-        model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+def test_feature_components_beyond_the_data_are_zero(small_adata):
+    with pytest.raises(ValueError, match="feature_components=0"):
+        gim_scvi.GIM(small_adata, feature_components=0)
+    model = gim_scvi.GIM(small_adata, n_programs=3, feature_components=20)  # 8 columns
+    assert model.module.feature_projection.shape == (8, 8)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)  # 8 drugs: rank 7
+    inputs = model.module.standardise_features(model.module.seen_features)
+    np.testing.assert_allclose(inputs.std(0).numpy(), [1.0] * 7 + [0.0], atol=1e-4)
 
 
 def test_binary_features_value_is_checked(small_adata):

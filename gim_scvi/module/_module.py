@@ -80,8 +80,9 @@ class GIMModule(BaseModuleClass):
     feature_components
         If given, the generators read the standardised features projected onto their first
         ``feature_components`` principal components over the training perturbations (each
-        component scaled to unit variance; :meth:`set_feature_projection`) instead of all
-        ``n_features`` columns. The neighbour similarity still uses every column.
+        component scaled to unit variance; :meth:`set_feature_projection`; at most
+        ``n_features``) instead of all ``n_features`` columns. The neighbour similarity still
+        uses every column.
     target_prior
         Prior probability ``rho`` that a perturbation targets a given program.
     target_kl_weight
@@ -151,11 +152,13 @@ class GIMModule(BaseModuleClass):
             )
         if not 0.0 < target_prior < 1.0:
             raise ValueError(f"target_prior must lie in (0, 1), got {target_prior}.")
-        if feature_components is not None and not 1 <= feature_components <= n_features:
-            raise ValueError(
-                f"feature_components={feature_components} must lie between 1 and the "
-                f"{n_features} feature columns (or be None: every column)."
-            )
+        if feature_components is not None:
+            if feature_components < 1:
+                raise ValueError(
+                    f"feature_components={feature_components}; use a positive number of "
+                    "principal components, or None for every feature column."
+                )
+            feature_components = min(feature_components, n_features)
         self.n_input = n_input
         self.n_programs = n_programs
         self.n_cell_lines = max(n_cell_lines, 1)
@@ -341,20 +344,22 @@ class GIMModule(BaseModuleClass):
         """Principal axes of the standardised training perturbations, one row per perturbation.
 
         Each perturbation counts once (not once per cell), so a drug with many cells does not
-        decide the axes; the components are scaled to unit variance over these rows.
+        decide the axes; the components are scaled to unit variance over these rows. With
+        fewer perturbations than components, the components beyond their rank are zero.
         """
         if self.feature_projection is None:
             raise ValueError("The module was built without `feature_components`.")
         n_components = self.feature_projection.shape[1]
-        if seen_standardised.shape[0] <= n_components:
-            raise ValueError(
-                f"feature_components={n_components} needs more than {n_components} distinct "
-                f"training perturbations; there are {seen_standardised.shape[0]}. Lower it."
-            )
-        centred = seen_standardised - seen_standardised.mean(0)
-        _, singular, vh = torch.linalg.svd(centred.double(), full_matrices=False)
-        spread = singular[:n_components] / (centred.shape[0] - 1) ** 0.5
-        axes = vh[:n_components].T / spread.clamp(min=1e-8)
+        centred = (seen_standardised - seen_standardised.mean(0)).double()
+        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+        spread = singular[:n_components] / max(centred.shape[0] - 1, 1) ** 0.5
+        # with fewer perturbations than components the last ones have no spread: they stay 0
+        informative = spread > 1e-6 * spread[:1].clamp(min=1e-12)
+        axes = torch.zeros_like(self.feature_projection, dtype=torch.float64)
+        n_axes = min(n_components, vh.shape[0])
+        axes[:, :n_axes] = vh[:n_axes].T * torch.where(
+            informative, 1.0 / spread.clamp(min=1e-12), 0.0
+        )
         self.feature_projection.copy_(axes.to(self.feature_projection.dtype))
 
     def standardise_log_dose(self, dose: torch.Tensor | None) -> torch.Tensor | None:
