@@ -72,6 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     train_time = time.perf_counter() - t0
     print(f"training: {args.epochs} epochs in {train_time:.1f} s; graph {model.graph_pruning_}")
+    _print_ensemble_choice(model)
     _print_neighbour_choice(model)
 
     t0 = time.perf_counter()
@@ -137,6 +138,25 @@ SUMMARY_COLUMNS = {
     "pearson_delta_deg_mean": "Pearson d DEG",
     "energy_distance_mean": "energy dist",
 }
+
+
+def _print_ensemble_choice(model) -> None:
+    """One line on which kind of ensemble member predicts unseen drugs (if it was chosen)."""
+    table = getattr(model, "ensemble_selection_", None)
+    if table is None or len(table) < 2:
+        return
+    chosen = table.loc[table["chosen"]].iloc[0]
+    names = {"0": "linear maps", "1": "MLPs"}
+    scores = ", ".join(
+        f"{names.get(m, m + ' hidden layers') if '+' not in m else 'all'} {v:.3f}"
+        for m, v in zip(table["member_layers"], table["r2_deg"], strict=True)
+    )
+    layers = chosen["member_layers"]
+    kind = "all members" if "+" in layers else names.get(layers, f"{layers} hidden layers")
+    print(
+        f"generator ensemble: {kind}, chosen on {int(chosen['n_conditions'])} validation "
+        f"conditions (DEG-R² {scores})"
+    )
 
 
 def _print_neighbour_choice(model) -> None:
@@ -366,8 +386,8 @@ def _train(args: argparse.Namespace) -> int:
         n_programs=args.n_programs,
         gene_likelihood=likelihood,
         binary_features=args.binary_features,
-        feature_components=args.feature_components,
-        ensemble_layers=args.ensemble_layers,
+        feature_components=args.feature_components or None,
+        ensemble_layers=tuple(args.ensemble_layers),
     )
     t0 = time.perf_counter()
     has_valid = bool((adata.obs["split_ood"] == "valid").any())
@@ -378,6 +398,7 @@ def _train(args: argparse.Namespace) -> int:
         enable_progress_bar=not args.quiet,
     )
     print(f"training: {time.perf_counter() - t0:.1f} s")
+    _print_ensemble_choice(model)
     _print_neighbour_choice(model)
     degs = gim_scvi.data.sciplex3_degs(adata) if args.degs == "file" else args.degs
     results = gim_scvi.tl.evaluate(model, adata, split_key="split_ood", heldout="ood", degs=degs)
@@ -433,15 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--feature-components",
         type=int,
-        default=None,
+        default=16,
         help="the generators read this many principal components of the standardised "
-        "features of the training drugs (default: every feature column)",
+        "features of the training drugs (default 16; 0: every feature column)",
     )
     tr.add_argument(
         "--ensemble-layers",
         type=int,
-        default=0,
-        help="hidden layers of each generator-ensemble member (default 0: linear)",
+        nargs="+",
+        default=[0, 1],
+        help="hidden layers of the generator-ensemble members, one number per kind of "
+        "member (default 0 1: linear maps and one-layer MLPs, chosen on the validation drugs)",
     )
     tr.add_argument("--n-validation-drugs", type=int, default=10)
     tr.add_argument(

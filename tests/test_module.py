@@ -129,3 +129,46 @@ def test_l1_prior_zeroes_relu_loadings_but_only_shrinks_softplus_ones():
         else:
             assert torch.all(decoder.loadings > 0)
             assert float(decoder.loadings.max()) < 0.05
+
+
+def test_ensemble_kinds_can_be_switched_off():
+    from gim_scvi.module import GeneratorEnsemble
+
+    ensemble = GeneratorEnsemble(2, n_layers=(0, 1), n_features=4, n_programs=3, n_cell_lines=2)
+    assert ensemble.member_layers == [0, 0, 1, 1] and len(ensemble) == 4
+    assert ensemble.members[0].mlp is None and ensemble.members[2].mlp is not None
+    features, lines = torch.randn(5, 4), torch.zeros(5, 1, dtype=torch.long)
+    assert ensemble(features, lines).shift.shape == (4, 5, 3)
+    ensemble.set_active_kinds((1,))
+    assert ensemble.active_kinds == (1,) and ensemble.active.tolist() == [0, 0, 1, 1]
+    mlp_only = ensemble(features, lines).shift
+    assert mlp_only.shape == (2, 5, 3)
+    torch.testing.assert_close(mlp_only[0], ensemble.members[2](features, lines).shift)
+    with pytest.raises(ValueError, match="cannot activate"):
+        ensemble.set_active_kinds((2,))
+    with pytest.raises(ValueError, match="distinct"):
+        GeneratorEnsemble(2, n_layers=(1, 1), n_features=4, n_programs=3)
+    ensemble.set_active_kinds(None)
+    assert ensemble.active.all()
+
+
+def test_models_saved_with_all_columns_and_linear_members_load():
+    """Saved weights say how the generators were built (older models: every column, linear)."""
+    old = GIMModule(n_input=20, n_features=5, n_programs=3, feature_components=None)
+    old.generator = type(old.generator)(3, n_layers=0, n_features=5, n_programs=3, n_bottleneck=16)
+    state = {k: v for k, v in old.state_dict().items() if not k.endswith(".active")}
+    new = GIMModule(n_input=20, n_features=5, n_programs=3, feature_components=4)
+    assert new.feature_projection.shape == (5, 4) and new.generator.kinds == (0, 1)
+    new.load_state_dict(state)
+    assert new.feature_projection is None and new.generator.member_layers == [0, 0, 0]
+    assert new.generator.active.all()
+    features = torch.randn(6, 5)
+    lines = torch.zeros(6, 1, dtype=torch.long)
+    old.eval(), new.eval()
+    for net in ("joint_generator", "generator"):
+        want = getattr(old, net)(old.standardise_features(features), lines).shift
+        got = getattr(new, net)(new.standardise_features(features), lines).shift
+        torch.testing.assert_close(got, want)
+    back = GIMModule(n_input=20, n_features=5, n_programs=3, feature_components=None)
+    back.load_state_dict(GIMModule(n_input=20, n_features=5, n_programs=3).state_dict())
+    assert back.feature_projection.shape == (5, 5) and back.generator.kinds == (0, 1)

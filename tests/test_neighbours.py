@@ -36,7 +36,9 @@ def test_neighbour_weights_respect_the_mask_and_the_temperature():
 
 def _module_with_two_seen_drugs() -> GIMModule:
     """Seen A (bits 0, 1) shifts program 0 by +2, seen B (bits 2, 3) program 2 by -2."""
-    module = GIMModule(n_input=10, n_features=4, n_programs=3, n_generators=1, has_dose=False)
+    module = GIMModule(
+        n_input=10, n_features=4, n_programs=3, n_generators=1, ensemble_layers=0, has_dose=False
+    )
     module.set_seen_features(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]))
     with torch.no_grad():
         for net in (module.joint_generator, module.generator):
@@ -219,3 +221,46 @@ def test_selection_error_counts_each_perturbation_once():
     np.testing.assert_allclose(errors, [0.0, per_drug.std(ddof=1) / np.sqrt(3)])
     # counting the nine conditions as independent would give a smaller error
     assert errors[1] > np.repeat(per_drug, 3).std(ddof=1) / 3
+
+
+def test_train_chooses_the_ensemble_members_on_unseen_validation_drugs(trained, tmp_path):
+    model, adata = trained
+    table = model.ensemble_selection_
+    assert table["member_layers"].tolist() == ["0", "1", "0+1"]
+    assert table["chosen"].sum() == 1 and np.isfinite(table["r2_deg"]).all()
+    chosen = table.loc[table["chosen"]].iloc[0]
+    assert chosen["r2_deg"] == table["r2_deg"].max()
+    kinds = tuple(int(v) for v in chosen["member_layers"].split("+"))
+    assert model.module.generator.active_kinds == kinds
+    assert model.train_params_["ensemble_member_layers"] == list(kinds)
+    # the choice is made with the neighbour mixture off, and leaves the mixture as it was
+    weight = float(model.module.neighbour_weight)
+    model.module.generator.set_active_kinds((0,))
+    again = model.select_ensemble_members()
+    assert float(model.module.neighbour_weight) == weight
+    pd.testing.assert_frame_equal(again, table)
+    model.save(tmp_path / "m")
+    loaded = gim_scvi.GIM.load(tmp_path / "m", adata=adata)
+    assert loaded.module.generator.active_kinds == kinds
+    with pytest.raises(ValueError, match="unseen in training"):
+        model.select_ensemble_members(validation_split="train")
+
+
+def test_cli_reports_the_member_choice(capsys):
+    from types import SimpleNamespace
+
+    from gim_scvi.cli import _print_ensemble_choice
+
+    table = pd.DataFrame(
+        {
+            "member_layers": ["0", "1", "0+1"],
+            "r2_deg": [0.30, 0.45, 0.40],
+            "n_conditions": [12, 12, 12],
+            "chosen": [False, True, False],
+        }
+    )
+    _print_ensemble_choice(SimpleNamespace(ensemble_selection_=table))
+    out = capsys.readouterr().out
+    assert "generator ensemble: MLPs" in out and "linear maps 0.300" in out and "all 0.400" in out
+    _print_ensemble_choice(SimpleNamespace(ensemble_selection_=None))
+    assert capsys.readouterr().out == ""

@@ -51,7 +51,7 @@ def test_refit_recovers_known_shifts_and_sparse_targets():
     contexts, truth = _known_contexts(module)
     assert module.active_generator is module.joint_generator
     losses = refit_generator(module, contexts, n_steps=400, lr=1e-2, weight_decay=0.0)
-    assert len(losses) == 3
+    assert len(losses) == 6  # three linear members and three MLPs, all acting
     assert module.active_generator is module.generator
     module.eval()
     out = module.intervention(
@@ -78,13 +78,13 @@ def test_refit_is_reproducible_and_changes_only_the_generator():
         if not key.startswith("generator.") and key != "ensemble_fitted":
             assert torch.equal(value, before[key])
     # members start from different points, so they differ
-    a, b = module.generator.members
+    a, b = module.generator.members[:2]  # two linear members
     assert not torch.equal(a.heads.weight, b.heads.weight)
 
 
 def test_sample_mode_draws_one_member_per_row():
     torch.manual_seed(0)
-    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=2)
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=2, ensemble_layers=0)
     with torch.no_grad():
         for i, member in enumerate(module.generator.members):
             member.heads.bias.zero_()
@@ -152,7 +152,7 @@ def test_train_refits_generator_and_checks_kwargs(tmp_path):
     with pytest.raises(TypeError, match="generator_refit_kwargs"):
         model.train(**kwargs, generator_refit_kwargs={"steps": 3})
     model.train(**kwargs, generator_refit_steps=30)
-    assert len(model.train_params_["generator_refit_loss"]) == 2
+    assert len(model.train_params_["generator_refit_loss"]) == 4  # two of each kind
     assert model.train_params_["generator_refit_steps"] == 30
     assert not model.module.training
     assert model.module.active_generator is model.module.generator
@@ -422,3 +422,12 @@ def test_train_refits_the_graph_unless_asked_not_to():
     assert not np.allclose(graphs[True], graphs[False])
     with pytest.raises(TypeError, match="graph_refit_kwargs"):
         model.train(**kwargs, graph_refit_kwargs={"threshold": 0.1})
+
+
+def test_each_kind_of_member_spreads_its_own_penalties():
+    from gim_scvi.model._refit import _ladders_by_kind
+
+    module = GIMModule(n_input=20, n_features=5, n_programs=3, n_generators=3)
+    decays, temperatures = _ladders_by_kind(module.generator, (0.01, 0.1), (0.2, 1.0))
+    np.testing.assert_allclose(decays, np.tile(np.geomspace(0.01, 0.1, 3), 2))
+    np.testing.assert_allclose(temperatures, np.tile(np.geomspace(0.2, 1.0, 3), 2))

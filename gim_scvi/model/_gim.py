@@ -36,6 +36,7 @@ from gim_scvi.model._features import FeatureRows, feature_rows, zero_rows
 from gim_scvi.model._neighbours import (
     DEFAULT_TEMPERATURES,
     DEFAULT_WEIGHTS,
+    select_ensemble_members,
     select_neighbour_mixture,
     unseen_validation_cells,
 )
@@ -335,11 +336,13 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         training conditions, with encoder and decoder fixed (seconds): the causal graph is
         fitted afresh as the DAG under which the conditions' interventions are sparsest
         (``graph_refit``), each training perturbation's shift sizes and dose response are
-        fitted on its own cells, and each member of the generator ensemble (``n_generators >
-        0``, default 5; low-rank linear maps) is fitted afresh (``generator_refit_steps``
-        full-batch steps); the ensemble makes every prediction of an unseen perturbation from
-        then on, mixed with the interventions of similar seen perturbations if validation
-        perturbations never trained on say so (``neighbour_selection``). See
+        fitted on its own cells, and each member of the generator ensemble (``n_generators``
+        of each kind, default 5 low-rank linear maps and 5 MLPs on the features' principal
+        components) is fitted afresh (``generator_refit_steps`` full-batch steps); the
+        ensemble makes every prediction of an unseen perturbation from then on. If the
+        validation cells hold perturbations never trained on, they choose which kind of
+        member predicts (:meth:`select_ensemble_members`) and how much the interventions of
+        similar seen perturbations are mixed in (``neighbour_selection``). See
         ``benchmarks/README.md`` for what the second stage does.
 
         Parameters
@@ -401,10 +404,11 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             its pruning threshold is ``graph_threshold``.
         neighbour_selection
             If the ``validation_split`` cells include perturbations that are not trained on,
-            choose on them, after the second stage, how much an unseen perturbation's
-            intervention borrows from the most similar seen ones
-            (:meth:`select_neighbour_mixture`); otherwise, or with ``False``, unseen
-            perturbations take the generator ensemble's intervention alone.
+            choose on them, after the second stage, which kind of ensemble member predicts
+            unseen perturbations (:meth:`select_ensemble_members`), then how much an unseen
+            perturbation's intervention borrows from the most similar seen ones
+            (:meth:`select_neighbour_mixture`); otherwise, or with ``False``, every member
+            acts and unseen perturbations take the generator ensemble's intervention alone.
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (``accelerator``, ``devices``,
             ``strategy``, ...). Several processes: ``accelerator="cpu"`` or ``"gpu"``,
@@ -434,6 +438,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         self.module.ensemble_fitted.fill_(False)  # the joint stage trains the joint generator
         self.module.neighbour_weight.zero_()  # chosen again after the second stage
         self.neighbour_selection_ = None
+        self.ensemble_selection_ = None
         default_epochs = int(np.clip(2e6 / max(len(train_idx), 1), 20, 400))
         if checkpoint_dir is not None:
             max_epochs = prepare_checkpointing(
@@ -492,6 +497,7 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
                 graph if new_graph else None,
             )
         if refit and neighbour_selection and self._has_unseen_validation():
+            self.select_ensemble_members()
             self.select_neighbour_mixture()
         return result
 
@@ -504,6 +510,56 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             self, self.adata, params["split_key"], params["validation_split"]
         )
         return len(cells) > 0
+
+    def select_ensemble_members(
+        self,
+        adata: AnnData | None = None,
+        split_key: str | None = None,
+        validation_split: str | None = None,
+        n_cells: int = 200,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """Choose which kind of ensemble member predicts unseen perturbations.
+
+        The ensemble holds ``n_generators`` members of each kind (``ensemble_layers``:
+        low-rank linear maps and one-layer MLPs by default, all on the features' principal
+        components; :class:`~gim_scvi.module.GeneratorEnsemble`). A linear map extrapolates
+        a smooth feature-to-mechanism map; an MLP also captures mechanisms that are
+        non-linear in a few feature directions, and needs more training perturbations.
+        Which predicts unseen drugs better depends on the screen (``benchmarks/README.md``),
+        so each kind alone and all members together predict the validation perturbations
+        (never trained on), with the neighbour mixture off, and the candidate with the
+        highest mean DEG-R² at their highest dose is kept (as in
+        :meth:`select_neighbour_mixture`, DEGs pooled over doses). :meth:`train` does this,
+        before choosing the neighbour mixture, when its ``validation_split`` holds such
+        perturbations; until then every member acts.
+
+        Parameters
+        ----------
+        adata
+            Registered AnnData with the validation cells (default: the model's).
+        split_key
+            Column of ``adata.obs`` with the split (default: the one used in :meth:`train`).
+        validation_split
+            Value marking the validation cells (default: the one used in :meth:`train`).
+        n_cells
+            Predicted cells per validation condition.
+        seed
+            Seed of the predicted cells.
+
+        Returns
+        -------
+        One row per candidate (``member_layers``: hidden layers of the members that act,
+        e.g. ``"0"``, ``"1"``, ``"0+1"``) with its mean ``r2_deg``, ``pearson_delta_deg``
+        and ``energy_distance`` on the validation conditions at their highest dose, ``gap``
+        and ``gap_se`` (shortfall to the best and its standard error over the validation
+        perturbations); ``chosen`` marks the one kept. Also stored as
+        ``ensemble_selection_``.
+        """
+        table = select_ensemble_members(self, adata, split_key, validation_split, n_cells, seed)
+        self.ensemble_selection_ = table
+        self.train_params_["ensemble_member_layers"] = list(self.module.generator.active_kinds)
+        return table
 
     def select_neighbour_mixture(
         self,
@@ -524,18 +580,19 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         standardised features in units of the median one), plus ``1 - w`` x the generator
         ensemble's (:meth:`~gim_scvi.module.GIMModule.neighbour_intervention`). Both parts
         are mixtures of sparse interventions, so a draw still targets a few programs. The
-        ensemble of low-rank maps extrapolates a smooth feature-to-mechanism map; the
-        neighbours win where similar drugs act alike in ways the features do not capture
-        linearly. Which holds depends on the screen, and cross-validation over the training
-        perturbations cannot tell (they shaped the programs; ``benchmarks/README.md``), so
-        the choice is made on validation perturbations that were never trained on: each
+        ensemble extrapolates a smooth feature-to-mechanism map; the neighbours win where
+        similar drugs act alike in ways the features do not capture smoothly. Which holds
+        depends on the screen, and cross-validation over the training perturbations cannot
+        tell (they shaped the programs; ``benchmarks/README.md``), so the choice is made on
+        validation perturbations that were never trained on: each
         (``weight``, ``temperature``) pair predicts them and is scored by its mean DEG-R² at
         their highest dose (:func:`gim_scvi.tl.evaluate`, DEGs pooled over doses), and the
         smallest weight within one standard error of the best (paired, over the validation
         perturbations: each one's conditions averaged, as its cell lines share its
         intervention) is kept, so that a few validation drugs move the model away from the
         ensemble only on clear evidence. :meth:`train` does this when its
-        ``validation_split`` holds such perturbations. The scores use the control and
+        ``validation_split`` holds such perturbations, after choosing the ensemble's members
+        (:meth:`select_ensemble_members`). The scores use the control and
         validation cells (and 2,000 training cells for the energy distance's principal
         components), so the cost does not grow with the training set.
 

@@ -74,46 +74,15 @@ def select_neighbour_mixture(
 
     See :meth:`gim_scvi.GIM.select_neighbour_mixture`.
     """
-    from gim_scvi.tl import evaluate  # tl imports the model package
-
-    params = getattr(model, "train_params_", {}) or {}
-    split_key = split_key if split_key is not None else params.get("split_key")
-    validation_split = (
-        validation_split if validation_split is not None else params.get("validation_split")
-    )
-    if split_key is None or validation_split is None:
-        raise ValueError(
-            "Pass `split_key` and `validation_split` (the model was trained without them): "
-            "the validation cells must be perturbations that were not trained on."
-        )
-    if model.module.generator is None or not bool(model.module.ensemble_fitted):
-        raise ValueError(
-            "The neighbour mixture is mixed with the fitted generator ensemble: train a model "
-            "with `n_generators > 0` and `generator_refit_steps > 0` (the defaults)."
-        )
+    _check_fitted_ensemble(model)
     weights = _checked_grid(weights, "weights", lower=0.0, upper=1.0)
     temperatures = _checked_grid(temperatures, "temperatures", lower=None, upper=None)
     if 0.0 not in weights:
         raise ValueError(
             f"`weights` must include 0 (the generator ensemble alone), got {weights}."
         )
-    adata = adata if adata is not None else model.adata
-    adata = model._validate_anndata(model.align_genes(adata))
-    if split_key not in adata.obs:
-        raise KeyError(f"`split_key={split_key!r}` is not a column of adata.obs.")
-    control = model._control_mask(adata)
-    if not len(unseen_validation_cells(model, adata, split_key, validation_split, control)):
-        raise ValueError(
-            f"No perturbed cell with adata.obs[{split_key!r}] == {validation_split!r} belongs "
-            "to a perturbation unseen in training: hold out whole perturbations for validation "
-            "(e.g. `gim_scvi.data.sciplex3_ood_split(adata, n_validation_drugs=10)`)."
-        )
     module = model.module
-    train_split = params.get("train_split", "train")
-    # the scores need the controls and the validation cells; a sample of training cells
-    # serves the principal components of the energy distance (not used for the choice)
-    cells = scoring_cells(adata, split_key, validation_split, train_split, control, seed)
-    adata = adata[cells].copy()
+    scorer = _ValidationScorer(model, adata, split_key, validation_split, n_cells, seed)
     before = (float(module.neighbour_weight), float(module.neighbour_temperature))
     candidates = [(0.0, temperatures[0])] + [
         (w, t) for w in weights if w > 0 for t in temperatures
@@ -123,31 +92,9 @@ def select_neighbour_mixture(
         for weight, temperature in candidates:
             module.neighbour_weight.fill_(weight)
             module.neighbour_temperature.fill_(temperature)
-            scores = evaluate(
-                model,
-                adata,
-                split_key=split_key,
-                heldout=validation_split,
-                train_split=train_split,
-                baselines=(),
-                n_cells=n_cells,
-                energy_cells=n_cells,
-                n_pcs=20,
-                seed=seed,
-                degs="pooled_doses" if module.has_dose else "condition",
-            )
-            top = scores[scores["dose"] == scores["dose"].max()]
-            per_condition.append(top.set_index(["condition", "cell_line"])["r2_deg"])
-            rows.append(
-                {
-                    "weight": weight,
-                    "temperature": temperature,
-                    "r2_deg": float(top["r2_deg"].mean()),
-                    "pearson_delta_deg": float(top["pearson_delta_deg"].mean()),
-                    "energy_distance": float(top["energy_distance"].mean()),
-                    "n_conditions": len(top),
-                }
-            )
+            row, scores = scorer.score()
+            rows.append({"weight": weight, "temperature": temperature, **row})
+            per_condition.append(scores)
     except BaseException:
         module.neighbour_weight.fill_(before[0])
         module.neighbour_temperature.fill_(before[1])
@@ -171,6 +118,139 @@ def select_neighbour_mixture(
         table.loc[0, "r2_deg"],
     )
     return table
+
+
+def select_ensemble_members(
+    model,
+    adata: AnnData | None = None,
+    split_key: str | None = None,
+    validation_split: str | None = None,
+    n_cells: int = 200,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score each kind of ensemble member, and all together, on the validation perturbations.
+
+    See :meth:`gim_scvi.GIM.select_ensemble_members`.
+    """
+    _check_fitted_ensemble(model)
+    module = model.module
+    ensemble = module.generator
+    candidates = [(kind,) for kind in ensemble.kinds]
+    if len(ensemble.kinds) > 1:
+        candidates.append(ensemble.kinds)
+    scorer = _ValidationScorer(model, adata, split_key, validation_split, n_cells, seed)
+    before = (ensemble.active_kinds, float(module.neighbour_weight))
+    rows, per_condition = [], []
+    try:
+        module.neighbour_weight.fill_(0.0)  # the ensemble alone
+        for kinds in candidates:
+            ensemble.set_active_kinds(kinds)
+            row, scores = scorer.score()
+            rows.append({"member_layers": "+".join(map(str, kinds)), **row})
+            per_condition.append(scores)
+    except BaseException:
+        ensemble.set_active_kinds(before[0])
+        raise
+    finally:
+        module.neighbour_weight.fill_(before[1])
+    table = pd.DataFrame(rows)
+    table["gap"], table["gap_se"] = _gaps_to_best(per_condition, table["r2_deg"].to_numpy())
+    r2 = table["r2_deg"].to_numpy()
+    best = int(np.nanargmax(r2)) if np.isfinite(r2).any() else len(candidates) - 1
+    table["chosen"] = table.index == best
+    ensemble.set_active_kinds(candidates[best])
+    logger.info(
+        "Ensemble members chosen on %d validation conditions: %s hidden layer(s) "
+        "(DEG-R² %.3f; candidates %s).",
+        int(table.loc[best, "n_conditions"]),
+        table.loc[best, "member_layers"],
+        table.loc[best, "r2_deg"],
+        ", ".join(
+            f"{m} {v:.3f}" for m, v in zip(table["member_layers"], table["r2_deg"], strict=True)
+        ),
+    )
+    return table
+
+
+def _check_fitted_ensemble(model) -> None:
+    if model.module.generator is None or not bool(model.module.ensemble_fitted):
+        raise ValueError(
+            "This choice concerns the fitted generator ensemble: train a model with "
+            "`n_generators > 0` and `generator_refit_steps > 0` (the defaults)."
+        )
+
+
+class _ValidationScorer:
+    """DEG-R² and friends of the model's current state on the unseen validation perturbations.
+
+    The scores use the control and validation cells (and 2,000 training cells for the energy
+    distance's principal components), so their cost does not grow with the training set.
+    """
+
+    def __init__(
+        self,
+        model,
+        adata: AnnData | None,
+        split_key: str | None,
+        validation_split: str | None,
+        n_cells: int,
+        seed: int,
+    ):
+        params = getattr(model, "train_params_", {}) or {}
+        split_key = split_key if split_key is not None else params.get("split_key")
+        if validation_split is None:
+            validation_split = params.get("validation_split")
+        if split_key is None or validation_split is None:
+            raise ValueError(
+                "Pass `split_key` and `validation_split` (the model was trained without "
+                "them): the validation cells must be perturbations that were not trained on."
+            )
+        adata = adata if adata is not None else model.adata
+        adata = model._validate_anndata(model.align_genes(adata))
+        if split_key not in adata.obs:
+            raise KeyError(f"`split_key={split_key!r}` is not a column of adata.obs.")
+        control = model._control_mask(adata)
+        if not len(unseen_validation_cells(model, adata, split_key, validation_split, control)):
+            raise ValueError(
+                f"No perturbed cell with adata.obs[{split_key!r}] == {validation_split!r} "
+                "belongs to a perturbation unseen in training: hold out whole perturbations "
+                "for validation (e.g. `gim_scvi.data.sciplex3_ood_split(adata, "
+                "n_validation_drugs=10)`)."
+            )
+        self.model = model
+        self.split_key = split_key
+        self.validation_split = validation_split
+        self.train_split = params.get("train_split", "train")
+        cells = scoring_cells(adata, split_key, validation_split, self.train_split, control, seed)
+        self.adata = adata[cells].copy()
+        self.n_cells = n_cells
+        self.seed = seed
+
+    def score(self) -> tuple[dict, pd.Series]:
+        """Means at the highest dose, and each condition's ``r2_deg`` there."""
+        from gim_scvi.tl import evaluate  # tl imports the model package
+
+        scores = evaluate(
+            self.model,
+            self.adata,
+            split_key=self.split_key,
+            heldout=self.validation_split,
+            train_split=self.train_split,
+            baselines=(),
+            n_cells=self.n_cells,
+            energy_cells=self.n_cells,
+            n_pcs=20,
+            seed=self.seed,
+            degs="pooled_doses" if self.model.module.has_dose else "condition",
+        )
+        top = scores[scores["dose"] == scores["dose"].max()]
+        row = {
+            "r2_deg": float(top["r2_deg"].mean()),
+            "pearson_delta_deg": float(top["pearson_delta_deg"].mean()),
+            "energy_distance": float(top["energy_distance"].mean()),
+            "n_conditions": len(top),
+        }
+        return row, top.set_index(["condition", "cell_line"])["r2_deg"]
 
 
 def _gaps_to_best(per_condition: list[pd.Series], means: np.ndarray) -> tuple:

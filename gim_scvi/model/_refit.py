@@ -318,6 +318,9 @@ def refit_generator(
 ) -> list[float]:
     """Fit every generator member from a fresh start on the context statistics.
 
+    Members of every kind are fitted (:class:`~gim_scvi.module.GeneratorEnsemble`) and all
+    act afterwards, until :meth:`gim_scvi.GIM.select_ensemble_members` chooses among them.
+
     Each member minimises, full-batch with Adam, the generator's part of the negative ELBO
     per training cell: for each context ``n_c`` times the expected negative log density of
     its cells' residuals under ``N(a, sigma_u^2)`` (``a`` a relaxed draw of the member's
@@ -342,14 +345,14 @@ def refit_generator(
         Learning rate.
     weight_decay
         L2 penalty on a member's weights: one value for every member, or ``(low, high)``:
-        penalties spaced geometrically from ``low`` to ``high`` across the members, so that
-        the ensemble averages over how strongly an unseen perturbation's intervention is
-        shrunk towards none (the right amount differs between data sets; see
-        ``benchmarks/README.md``).
+        penalties spaced geometrically from ``low`` to ``high`` across the members of each
+        kind, so that the ensemble averages over how strongly an unseen perturbation's
+        intervention is shrunk towards none (the right amount differs between data sets;
+        see ``benchmarks/README.md``).
     temperature
         Temperature of the members' relaxed target draws (Gumbel-sigmoid; lower is closer to
         hard on/off targets): one value for every member, or ``(low, high)`` spaced
-        geometrically across them.
+        geometrically across the members of each kind.
     seed
         Seed of the members' starting points and relaxed draws.
 
@@ -371,8 +374,7 @@ def refit_generator(
     second = tensor(contexts.second_moment)
     n_cells = tensor(contexts.n_cells)
     log_sd = module.log_exogenous_scale.detach().clone()
-    decays = member_weight_decays(weight_decay, len(module.generator))
-    temperatures = member_temperatures(temperature, len(module.generator))
+    decays, temperatures = _ladders_by_kind(module.generator, weight_decay, temperature)
     data = (features, log_dose, cell_line, mean, second, n_cells, log_sd)
     members = module.generator.members
     threads = torch.get_num_threads()
@@ -383,7 +385,19 @@ def refit_generator(
     finally:
         torch.set_num_threads(threads)
     module.ensemble_fitted.fill_(True)
+    module.generator.set_active_kinds(None)  # every member acts until a choice is made
     return [float(v) for v in losses]
+
+
+def _ladders_by_kind(ensemble, weight_decay, temperature) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's weight decay and temperature, spread within each kind of member."""
+    decays = np.empty(len(ensemble))
+    temperatures = np.empty(len(ensemble))
+    for kind in ensemble.kinds:
+        members = ensemble.members_of_kind(kind)
+        decays[members] = member_weight_decays(weight_decay, len(members))
+        temperatures[members] = member_temperatures(temperature, len(members))
+    return decays, temperatures
 
 
 def _fit_members(module, members, decays, temperatures, data, n_steps: int, lr: float, seed: int):

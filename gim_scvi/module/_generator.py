@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -183,31 +184,79 @@ class GeneratorEnsemble(nn.Module):
     """Several :class:`InterventionGenerator` members whose interventions are averaged.
 
     The intervention distribution of a perturbation is the equal-weight mixture of the
-    members' distributions: its expected shift is the members' mean, and a draw picks a member
-    and then that member's targets. Members trained from different starting points disagree
-    where the training perturbations say little (unseen drugs far from the seen ones), so the
-    mixture hedges there and its spread is a measure of that uncertainty.
+    active members' distributions: its expected shift is their mean, and a draw picks a
+    member and then that member's targets. Members trained from different starting points
+    disagree where the training perturbations say little (unseen drugs far from the seen
+    ones), so the mixture hedges there and its spread is a measure of that uncertainty.
+
+    Members can be of several kinds (their number of hidden layers): ``n_layers=(0, 1)``
+    gives ``n_members`` low-rank linear maps and ``n_members`` one-layer MLPs. Which kinds
+    act is a saved buffer (:meth:`set_active_kinds`; all by default), so a choice made after
+    fitting (:meth:`gim_scvi.GIM.select_ensemble_members`) travels with the model.
 
     Parameters
     ----------
     n_members
-        Number of members.
+        Number of members of each kind.
+    n_layers
+        Hidden layers of the members: one number for all, or one per kind.
     **kwargs
         Passed to every :class:`InterventionGenerator`.
     """
 
-    def __init__(self, n_members: int = 1, **kwargs):
+    def __init__(self, n_members: int = 1, n_layers: int | Sequence[int] = 0, **kwargs):
         super().__init__()
         if n_members < 1:
             raise ValueError(f"n_members must be at least 1, got {n_members}.")
-        self.members = nn.ModuleList(InterventionGenerator(**kwargs) for _ in range(n_members))
+        kinds = (n_layers,) if isinstance(n_layers, int) else tuple(int(v) for v in n_layers)
+        if not kinds or len(set(kinds)) != len(kinds) or min(kinds) < 0:
+            raise ValueError(
+                f"n_layers must be a number >= 0 or distinct numbers >= 0, got {n_layers!r}."
+            )
+        self.kinds = kinds
+        self.member_layers = [layers for layers in kinds for _ in range(n_members)]
+        self.members = nn.ModuleList(
+            InterventionGenerator(n_layers=layers, **kwargs) for layers in self.member_layers
+        )
+        self.register_buffer("active", torch.ones(len(self.members), dtype=torch.bool))
 
     def __len__(self) -> int:
         return len(self.members)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Models saved before members could be switched off: all act."""
+        state_dict.setdefault(prefix + "active", self.active.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def members_of_kind(self, n_layers: int) -> list[int]:
+        """Indices of the members with ``n_layers`` hidden layers."""
+        return [i for i, layers in enumerate(self.member_layers) if layers == n_layers]
+
+    def set_active_kinds(self, kinds: Sequence[int] | None = None) -> None:
+        """Let only the members of these kinds (numbers of hidden layers) act; ``None``: all."""
+        kinds = self.kinds if kinds is None else tuple(int(v) for v in kinds)
+        unknown = sorted(set(kinds) - set(self.kinds))
+        if not kinds or unknown:
+            raise ValueError(
+                f"The ensemble has members with {list(self.kinds)} hidden layers; "
+                f"cannot activate {list(kinds)}."
+            )
+        active = [layers in kinds for layers in self.member_layers]
+        self.active.copy_(torch.as_tensor(active, device=self.active.device))
+
+    @property
+    def active_kinds(self) -> tuple[int, ...]:
+        """Kinds (numbers of hidden layers) of the members that act."""
+        on = {v for v, a in zip(self.member_layers, self.active.tolist(), strict=True) if a}
+        return tuple(kind for kind in self.kinds if kind in on)
+
     def forward(self, features: torch.Tensor, cell_line: torch.Tensor) -> InterventionParams:
-        """Every member's parameters, stacked: each field is ``n_members x n_contexts x K``."""
-        outs = [member(features, cell_line) for member in self.members]
+        """Active members' parameters, stacked: each field is ``n_active x n_contexts x K``."""
+        outs = [
+            member(features, cell_line)
+            for member, active in zip(self.members, self.active.tolist(), strict=True)
+            if active
+        ]
         return InterventionParams(
             *(
                 None if fields[0] is None else torch.stack(fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -66,23 +67,31 @@ class GIMModule(BaseModuleClass):
         Architecture of the generator trained jointly with the latent model (see
         :class:`~gim_scvi.module.InterventionGenerator`).
     n_generators
-        Members of the final generator ensemble (:class:`~gim_scvi.module.GeneratorEnsemble`
-        of low-rank linear maps, default 5), fitted after the joint training on the encoded
-        training conditions (:meth:`gim_scvi.GIM.train`); 0 keeps the jointly trained
-        generator. On the synthetic unseen-drug benchmark the ensemble (members' penalties
-        spread from 0.01 to 0.1) beat every baseline on DEG-R² and Pearson-delta in more seeds
-        than the joint generator (``benchmarks/README.md``).
+        Members of each kind in the final generator ensemble
+        (:class:`~gim_scvi.module.GeneratorEnsemble`, default 5), fitted after the joint
+        training on the encoded training conditions (:meth:`gim_scvi.GIM.train`); 0 keeps the
+        jointly trained generator.
     ensemble_bottleneck
-        Rank of the ensemble members' linear maps.
+        Width of the ensemble members' linear feature bottleneck (the rank of the linear
+        members' maps).
     ensemble_layers
-        Hidden layers of each ensemble member (0, the default: a low-rank linear map; 1 or
-        more: an MLP of width ``generator_hidden`` that also sees the cell line).
+        Hidden layers of the ensemble members: one number for every member, or one per kind
+        of member (``n_generators`` of each). The default ``(0, 1)``: low-rank linear maps
+        and MLPs with one hidden layer of width ``generator_hidden`` that also see the cell
+        line. Which kinds predict unseen perturbations is chosen on validation perturbations
+        after training (:meth:`gim_scvi.GIM.select_ensemble_members`; without them, all
+        members do). Linear maps extrapolate a smooth feature-to-mechanism map best; MLPs
+        win where the mechanism is a non-linear function of a few feature directions, as on
+        the synthetic sci-Plex screen (``benchmarks/README.md``).
     feature_components
-        If given, the generators read the standardised features projected onto their first
+        The generators read the standardised features projected onto their first
         ``feature_components`` principal components over the training perturbations (each
-        component scaled to unit variance; :meth:`set_feature_projection`; at most
-        ``n_features``) instead of all ``n_features`` columns. The neighbour similarity still
-        uses every column.
+        perturbation once, each component scaled to unit variance;
+        :meth:`set_feature_projection`; at most ``n_features``; default 16). ``None``: all
+        ``n_features`` columns. With a thousand fingerprint bits and descriptors and a few
+        hundred training drugs, a generator on all columns fits noise; on 16 components it
+        extrapolates to unseen drugs better (``benchmarks/predictability_ceiling.py``). The
+        neighbour similarity still uses every column.
     target_prior
         Prior probability ``rho`` that a perturbation targets a given program.
     target_kl_weight
@@ -133,8 +142,8 @@ class GIMModule(BaseModuleClass):
         generator_dropout: float = 0.2,
         n_generators: int = 5,
         ensemble_bottleneck: int = 16,
-        ensemble_layers: int = 0,
-        feature_components: int | None = None,
+        ensemble_layers: int | Sequence[int] = (0, 1),
+        feature_components: int | None = 16,
         target_prior: float = 0.1,
         target_kl_weight: float = 5.0,
         graph_l1: float = 1000.0,
@@ -203,22 +212,25 @@ class GIMModule(BaseModuleClass):
             n_cell_lines=self.n_cell_lines,
             scale_intervention=intervention == "shift+scale",
         )
+        # how each generator is built, kept to rebuild it as saved (see _match_saved_generators)
+        self._generator_kwargs = {
+            "joint_generator": dict(
+                n_bottleneck=generator_bottleneck,
+                n_hidden=generator_hidden,
+                dropout_rate=generator_dropout,
+                **shared,
+            ),
+            "generator": dict(
+                n_bottleneck=ensemble_bottleneck, n_hidden=generator_hidden, **shared
+            ),
+        }
         self.joint_generator = GeneratorEnsemble(
-            1,
-            n_bottleneck=generator_bottleneck,
-            n_hidden=generator_hidden,
-            n_layers=generator_layers,
-            dropout_rate=generator_dropout,
-            **shared,
+            1, n_layers=generator_layers, **self._generator_kwargs["joint_generator"]
         )
         self.generator = None
         if n_generators > 0:
             self.generator = GeneratorEnsemble(
-                n_generators,
-                n_bottleneck=ensemble_bottleneck,
-                n_hidden=generator_hidden,
-                n_layers=ensemble_layers,
-                **shared,
+                n_generators, n_layers=ensemble_layers, **self._generator_kwargs["generator"]
             )
         # set once the ensemble has been fitted; until then the joint generator acts
         self.register_buffer("ensemble_fitted", torch.zeros((), dtype=torch.bool))
@@ -262,6 +274,7 @@ class GIMModule(BaseModuleClass):
         """Size the seen-perturbation buffers to the saved ones (none in older models)."""
         for name in ("neighbour_weight", "neighbour_temperature"):  # older models: none
             state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        self._match_saved_generators(state_dict, prefix)
         n_seen = state_dict.get(prefix + "seen_features", self.seen_features[:0]).shape[0]
         for name in SEEN_BUFFERS:
             key = prefix + name
@@ -272,6 +285,32 @@ class GIMModule(BaseModuleClass):
                 )
             setattr(self, name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _match_saved_generators(self, state_dict: dict, prefix: str) -> None:
+        """Rebuild the feature projection and generators to the saved ones' shapes.
+
+        Models saved before the defaults changed read every feature column
+        (``feature_components=None``) with linear ensemble members only; their saved
+        arguments do not say so, so the saved weights do.
+        """
+        projection = state_dict.get(prefix + "feature_projection")
+        if projection is None:
+            self.feature_projection = None
+        elif self.feature_projection is None or self.feature_projection.shape != projection.shape:
+            self.feature_projection = torch.empty_like(projection)
+        n_inputs = self.feature_mean.shape[0] if projection is None else int(projection.shape[1])
+        for name, kwargs in self._generator_kwargs.items():
+            net = getattr(self, name)
+            layers = _saved_member_layers(state_dict, f"{prefix}{name}.members.")
+            if net is None or not layers:
+                continue
+            if layers == net.member_layers and n_inputs == kwargs["n_features"]:
+                continue
+            kinds = tuple(dict.fromkeys(layers))
+            rebuilt = GeneratorEnsemble(
+                len(layers) // len(kinds), n_layers=kinds, **{**kwargs, "n_features": n_inputs}
+            )
+            setattr(self, name, rebuilt.to(self.feature_mean.device))
 
     def set_seen_features(self, features: torch.Tensor) -> None:
         """Keep the training perturbations' feature rows; forgets any earlier per-row fit."""
@@ -420,7 +459,7 @@ class GIMModule(BaseModuleClass):
         Once the ensemble is fitted, it acts for perturbations unseen in training, while a
         row whose features are exactly those of a training perturbation keeps the jointly
         trained generator, which fits each training perturbation (and so its response at a
-        dose never measured) more closely than the ensemble of linear maps. Where that
+        dose never measured) more closely than the ensemble. Where that
         perturbation's intervention has been fitted on its own cells in a cell line
         (``seen_fitted``, set after training), it replaces the generator's there: shift
         sizes, dose response and targets (fitted with the generator's as their prior). With
@@ -899,6 +938,18 @@ def mixture_fields(
         "targets": mix(targets),
         "dose_response": mix(response),
     }
+
+
+def _saved_member_layers(state_dict: dict, members_prefix: str) -> list[int]:
+    """Hidden layers of each saved generator member, from the keys of its weights."""
+    layers: dict[int, set[str]] = {}
+    for key in state_dict:
+        if key.startswith(members_prefix):
+            member, _, rest = key[len(members_prefix) :].partition(".")
+            names = layers.setdefault(int(member), set())
+            if rest.startswith("mlp.fc_layers."):
+                names.add(rest.split(".")[2])
+    return [len(layers[i]) for i in sorted(layers)]
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
