@@ -39,6 +39,7 @@ from gim_scvi.model._neighbours import (
     select_ensemble_members,
     select_neighbour_mixture,
     unseen_validation_cells,
+    validation_scorer,
 )
 from gim_scvi.model._refit import (
     context_residuals,
@@ -497,8 +498,9 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
                 graph if new_graph else None,
             )
         if refit and neighbour_selection and self._has_unseen_validation():
-            self.select_ensemble_members()
-            self.select_neighbour_mixture()
+            scorer = validation_scorer(self)  # the same validation cells for both choices
+            self._keep_ensemble_selection(select_ensemble_members(self, scorer=scorer))
+            self._keep_neighbour_selection(select_neighbour_mixture(self, scorer=scorer))
         return result
 
     def _has_unseen_validation(self) -> bool:
@@ -557,9 +559,12 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         ``ensemble_selection_``.
         """
         table = select_ensemble_members(self, adata, split_key, validation_split, n_cells, seed)
+        self._keep_ensemble_selection(table)
+        return table
+
+    def _keep_ensemble_selection(self, table: pd.DataFrame) -> None:
         self.ensemble_selection_ = table
         self.train_params_["ensemble_member_layers"] = list(self.module.generator.active_kinds)
-        return table
 
     def select_neighbour_mixture(
         self,
@@ -624,10 +629,13 @@ class GIM(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         table = select_neighbour_mixture(
             self, adata, split_key, validation_split, weights, temperatures, n_cells, seed
         )
+        self._keep_neighbour_selection(table)
+        return table
+
+    def _keep_neighbour_selection(self, table: pd.DataFrame) -> None:
         self.neighbour_selection_ = table
         self.train_params_["neighbour_weight"] = float(self.module.neighbour_weight)
         self.train_params_["neighbour_temperature"] = float(self.module.neighbour_temperature)
-        return table
 
     def _refit_generator(
         self,

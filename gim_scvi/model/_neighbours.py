@@ -69,10 +69,13 @@ def select_neighbour_mixture(
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     n_cells: int = 200,
     seed: int = 0,
+    scorer: _ValidationScorer | None = None,
 ) -> pd.DataFrame:
     """Score each (weight, temperature) on the validation perturbations and keep one.
 
-    See :meth:`gim_scvi.GIM.select_neighbour_mixture`.
+    See :meth:`gim_scvi.GIM.select_neighbour_mixture`. A ``scorer`` already built (by
+    :func:`validation_scorer`) replaces ``adata``, ``split_key``, ``validation_split``,
+    ``n_cells`` and ``seed``.
     """
     _check_fitted_ensemble(model)
     weights = _checked_grid(weights, "weights", lower=0.0, upper=1.0)
@@ -82,7 +85,8 @@ def select_neighbour_mixture(
             f"`weights` must include 0 (the generator ensemble alone), got {weights}."
         )
     module = model.module
-    scorer = _ValidationScorer(model, adata, split_key, validation_split, n_cells, seed)
+    if scorer is None:
+        scorer = validation_scorer(model, adata, split_key, validation_split, n_cells, seed)
     before = (float(module.neighbour_weight), float(module.neighbour_temperature))
     candidates = [(0.0, temperatures[0])] + [
         (w, t) for w in weights if w > 0 for t in temperatures
@@ -127,10 +131,13 @@ def select_ensemble_members(
     validation_split: str | None = None,
     n_cells: int = 200,
     seed: int = 0,
+    scorer: _ValidationScorer | None = None,
 ) -> pd.DataFrame:
     """Score each kind of ensemble member, and all together, on the validation perturbations.
 
-    See :meth:`gim_scvi.GIM.select_ensemble_members`.
+    See :meth:`gim_scvi.GIM.select_ensemble_members`. A ``scorer`` already built (by
+    :func:`validation_scorer`) replaces ``adata``, ``split_key``, ``validation_split``,
+    ``n_cells`` and ``seed``.
     """
     _check_fitted_ensemble(model)
     module = model.module
@@ -138,7 +145,8 @@ def select_ensemble_members(
     candidates = [(kind,) for kind in ensemble.kinds]
     if len(ensemble.kinds) > 1:
         candidates.append(ensemble.kinds)
-    scorer = _ValidationScorer(model, adata, split_key, validation_split, n_cells, seed)
+    if scorer is None:
+        scorer = validation_scorer(model, adata, split_key, validation_split, n_cells, seed)
     before = (ensemble.active_kinds, float(module.neighbour_weight))
     rows, per_condition = [], []
     try:
@@ -170,6 +178,18 @@ def select_ensemble_members(
         ),
     )
     return table
+
+
+def validation_scorer(
+    model,
+    adata: AnnData | None = None,
+    split_key: str | None = None,
+    validation_split: str | None = None,
+    n_cells: int = 200,
+    seed: int = 0,
+) -> _ValidationScorer:
+    """The validation cells and settings that score the choices, built once for several."""
+    return _ValidationScorer(model, adata, split_key, validation_split, n_cells, seed)
 
 
 def _check_fitted_ensemble(model) -> None:
