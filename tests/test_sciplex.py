@@ -619,6 +619,7 @@ def test_train_command_on_a_file(tmp_path, capsys):
     assert "kept the 30 most variable of 40" in printed
     assert "schema chemcpa" in printed and "held-out (OOD) drugs" in printed
     assert "(DEGs: file)" in printed
+    assert "(both)" in printed  # Morgan bits and RDKit descriptors by default
     table = pd.read_csv(tmp_path / "out" / "heldout_metrics.csv")
     assert set(table["condition"]) == set(SCIPLEX3_OOD_DRUGS)
 
