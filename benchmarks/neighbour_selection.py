@@ -76,7 +76,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
         "--features",
         choices=["morgan", "descriptors", "both"],
         default="morgan",
-        help="the features the model was trained on (with --sciplex; gim-scvi train's)",
+        help="the features the model was trained on (with --sciplex; gim-scvi train's "
+        "default was morgan until session 22, both since)",
     )
     parser.add_argument("--synthetic-seed", type=int, default=0)
     parser.add_argument("--data-kwargs", default="{}", help="JSON dict for synthetic()")
