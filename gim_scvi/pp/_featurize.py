@@ -165,10 +165,10 @@ def featurize_smiles(
     smiles_key
         Column of ``adata.obs`` with SMILES.
     method
-        ``"morgan"``, ``"descriptors"`` or ``"both"``. Fingerprint bits alone carry no
-        physicochemical properties; on the synthetic sci-Plex, whose mechanisms come from
-        both, GIM predicted unseen drugs better with ``"both"`` (``gim-scvi train``'s
-        default; ``benchmarks/README.md`` of the repository).
+        ``"morgan"``, ``"descriptors"`` or ``"both"``. Fingerprint bits describe
+        substructures, descriptors physicochemical properties; on the synthetic sci-Plex,
+        whose mechanisms come from both, GIM predicted unseen drugs better with ``"both"``
+        (``gim-scvi train``'s default; ``benchmarks/README.md`` of the repository).
     radius, n_bits
         Morgan fingerprint radius and length.
     control_key
